@@ -1,0 +1,30 @@
+"""lightning-fimoda: final-model-only data attribution for PyTorch Lightning.
+
+Sign convention (SPEC §1): a score ``τ(j, x)`` estimates ``f(x; θ without z_j) − f(x; θ)``;
+positive = the training example helps (leaving it out would raise the test loss).
+"""
+
+from .attribute import attribute
+from .estimators.base import Estimator
+from .functional import FunctionalTask
+from .gold_standard import GoldStandard
+from .gradients import GradientCache, PerSampleGradients, per_sample_gradients
+from .registry import available_estimators, build_estimator, register_estimator
+from .task import AttributionTask, SupervisedTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttributionTask",
+    "Estimator",
+    "FunctionalTask",
+    "GoldStandard",
+    "GradientCache",
+    "PerSampleGradients",
+    "SupervisedTask",
+    "attribute",
+    "available_estimators",
+    "build_estimator",
+    "per_sample_gradients",
+    "register_estimator",
+]
