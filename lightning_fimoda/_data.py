@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Subset, TensorDataset
 from torch.utils._pytree import tree_map
+from torch.utils.data import Subset, TensorDataset
 
 from .task import AttributionTask
 
@@ -33,11 +33,11 @@ def resolve_indices(dataset: Any, indices: Sequence[int] | Tensor | None, what: 
     if indices is None:
         return torch.arange(n)
     idx = torch.as_tensor(indices)
-    if idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool):
-        raise TypeError(f"{what} indices must be integers, got dtype {idx.dtype}.")
-    idx = idx.reshape(-1).long().cpu()
     if idx.numel() == 0:
         raise ValueError(f"No {what} indices given: the selection is empty.")
+    if idx.is_floating_point() or idx.dtype == torch.bool:
+        raise TypeError(f"{what} indices must be integers, got dtype {idx.dtype}.")
+    idx = idx.reshape(-1).long().cpu()
     bad = idx[(idx < 0) | (idx >= n)]
     if bad.numel():
         raise IndexError(

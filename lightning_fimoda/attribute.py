@@ -60,12 +60,14 @@ def run_estimators(
     *,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    cache: GradientCache | None = None,
 ) -> list[EstimatorRun]:
     """Fit and score every estimator on one shared gradient cache, in eval mode; time each one."""
     built = build_estimators(estimators)
     train_idx = resolve_indices(train_dataset, train_indices, "training")
     test_idx = resolve_indices(test_dataset, test_indices, "test")
-    cache = GradientCache(memory_budget=memory_budget, progress=progress)
+    if cache is None:
+        cache = GradientCache(memory_budget=memory_budget, progress=progress)
     runs = []
     with eval_mode(model):
         for est in built:

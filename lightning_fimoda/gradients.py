@@ -27,7 +27,7 @@ __all__ = ["GradientCache", "PerSampleGradients", "per_sample_gradients"]
 Kind = Literal["loss", "measurement"]
 _METHOD = {"loss": "per_example_loss", "measurement": "measurement"}
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for one chunk of per-sample gradients and their intermediates
-MAX_CHUNK = 128  # larger chunks stop paying off on CPU caches
+MAX_CHUNK = 1024
 
 
 @dataclass

@@ -1,0 +1,195 @@
+"""Matrix-free curvature of the empirical risk: ``(H + λI) V`` for many vectors at once.
+
+``H`` is either the true Hessian ``∇²R(θ̂)`` of ``R(θ) = (1/n) Σ_i ℓ(z_i; θ)`` (forward-over-reverse:
+``jvp`` of ``grad``) or the Gauss-Newton matrix ``(1/n) Σ_i J_iᵀ ∇²_o ℓ_i J_i`` (``jvp`` through the
+model outputs, the output Hessian, ``vjp`` back), SPEC §3. The Hessian type is a switch of the
+operator, orthogonal to the solver that uses it (as in pyDVL): solvers only call
+:meth:`CurvatureOperator.apply`.
+
+Vectors are rows: ``V`` has shape ``[P]`` or ``[k, P]`` (``k`` right-hand sides, vmapped together),
+columns in the :class:`~lightning_fimoda.FunctionalTask` parameter order (the order of
+:class:`~lightning_fimoda.PerSampleGradients`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.func import grad, hessian, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
+
+from ._data import iter_batches, model_device_dtype, resolve_indices
+from .functional import FunctionalTask, Params, eval_mode
+
+__all__ = ["HESSIAN_TYPES", "CurvatureOperator"]
+
+HessianType = Literal["gauss_newton", "true"]
+HESSIAN_TYPES = ("gauss_newton", "true")
+
+
+class CurvatureOperator:
+    """``V ↦ (H + λI) V`` over ``dataset[indices]`` (an average over those examples), matrix-free.
+
+    Args:
+        fn: the model and task as functions of the selected parameters (``fn.params`` = ``θ̂``,
+            where the curvature is taken).
+        dataset: map-style training dataset; ``indices`` selects the ``n`` examples of ``R``
+            (``None``: all).
+        hessian: ``"gauss_newton"`` (default; positive semi-definite) or ``"true"``.
+        damping: ``λ ≥ 0`` added to the diagonal.
+        batch_size: examples per forward pass (the average is exact, whatever the batch size).
+
+    Attributes:
+        n: number of examples averaged over; ``num_params``: ``P``.
+    """
+
+    def __init__(
+        self,
+        fn: FunctionalTask,
+        dataset: Any,
+        indices: Sequence[int] | Tensor | None = None,
+        *,
+        hessian: HessianType = "gauss_newton",
+        damping: float = 0.0,
+        batch_size: int = 512,
+    ) -> None:
+        if hessian not in HESSIAN_TYPES:
+            raise ValueError(f"hessian must be one of {HESSIAN_TYPES}, got {hessian!r}.")
+        damping = float(damping)
+        if not damping >= 0.0 or damping == float("inf"):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}.")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.fn = fn
+        self.dataset = dataset
+        self.indices = resolve_indices(dataset, indices, "training")
+        self.hessian = hessian
+        self.damping = damping
+        self.batch_size = int(batch_size)
+        self.device, self.dtype = model_device_dtype(fn.model)
+        self._batches: list[Any] | None = None
+
+    @property
+    def n(self) -> int:
+        return self.indices.numel()
+
+    @property
+    def num_params(self) -> int:
+        return self.fn.num_params
+
+    def with_damping(self, damping: float) -> CurvatureOperator:
+        """The same curvature with another ``λ`` (shares the loaded batches)."""
+        other = CurvatureOperator(
+            self.fn, self.dataset, self.indices, hessian=self.hessian, damping=damping,
+            batch_size=self.batch_size,
+        )
+        other._batches = self._batches
+        return other
+
+    def subset(self, positions: Tensor) -> CurvatureOperator:
+        """Operator averaging over ``indices[positions]`` only (a mini-batch, e.g. for LiSSA)."""
+        return CurvatureOperator(
+            self.fn, self.dataset, self.indices[positions], hessian=self.hessian, damping=self.damping,
+            batch_size=max(self.batch_size, positions.numel()),
+        )
+
+    # -- products ---------------------------------------------------------------------------------
+    def apply(self, v: Tensor) -> Tensor:
+        """``(H + λI) v`` for ``v`` of shape ``[P]`` or ``[k, P]``; same shape out."""
+        return self.curvature(v) + self.damping * v
+
+    def curvature(self, v: Tensor) -> Tensor:
+        """``H v`` (no damping) for ``v`` of shape ``[P]`` or ``[k, P]``."""
+        single = v.dim() == 1
+        rows = v.unsqueeze(0) if single else v
+        if rows.dim() != 2 or rows.shape[1] != self.num_params:
+            raise ValueError(
+                f"Vectors must have shape [P] or [k, P] with P = {self.num_params}, got {tuple(v.shape)}."
+            )
+        rows = rows.to(device=self.device, dtype=self.dtype)
+        tangents = self.fn.unflatten(rows)
+        product = self._gnvp if self.hessian == "gauss_newton" else self._hvp
+        total = torch.zeros_like(rows)
+        with eval_mode(self.fn.model):
+            for batch in self._all_batches():
+                total += product(batch, tangents)
+        total /= self.n
+        return total[0] if single else total
+
+    def dense(self, chunk: int = 256) -> Tensor:
+        """The matrix ``H + λI`` ``[P, P]`` (symmetrised), built from products with the identity."""
+        p = self.num_params
+        eye = torch.eye(p, dtype=self.dtype, device=self.device)
+        cols = [self.apply(eye[s : s + chunk]) for s in range(0, p, chunk)]
+        mat = torch.cat(cols, dim=0)
+        return 0.5 * (mat + mat.T)
+
+    def risk_gradient(self) -> Tensor:
+        """``∇R(θ̂) = (1/n) Σ_i ∇ℓ(z_i; θ̂)``, shape ``[P]``."""
+        params = self.fn.params
+        total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        with eval_mode(self.fn.model):
+            for batch in self._all_batches():
+                g = grad(lambda p, b=batch: self.fn.loss(p, b).sum())(params)
+                total += self.fn.flatten(g)
+        return total / self.n
+
+    # -- internals --------------------------------------------------------------------------------
+    def _all_batches(self) -> list[Any]:
+        if self._batches is None:
+            self._batches = [
+                batch for _, batch in iter_batches(
+                    self.fn.task, self.dataset, self.indices, self.batch_size, self.device
+                )
+            ]
+        return self._batches
+
+    def _hvp(self, batch: Any, tangents: Params) -> Tensor:
+        """``Σ_{i∈batch} ∇²ℓ_i · t`` for each of the ``k`` stacked tangents: ``[k, P]``."""
+        params = self.fn.params
+
+        def batch_grad(p: Params) -> Params:
+            return grad(lambda q: self.fn.loss(q, batch).sum())(p)
+
+        def one(t: Params) -> Params:
+            return jvp(batch_grad, (params,), (t,))[1]
+
+        return self.fn.flatten(vmap(one)(tangents))
+
+    def _gnvp(self, batch: Any, tangents: Params) -> Tensor:
+        """``Σ_{i∈batch} J_iᵀ ∇²_o ℓ_i J_i t`` for each of the ``k`` stacked tangents: ``[k, P]``."""
+        params = self.fn.params
+
+        def outputs(p: Params) -> Tensor:
+            return self.fn.outputs(p, batch)
+
+        out, pullback = vjp(outputs, params)
+        out = out.detach()
+        jt = vmap(lambda t: jvp(outputs, (params,), (t,))[1])(tangents)  # [k, B, O]
+        h_out = self._output_hessian(out, batch)  # [B, O, O]
+        u = torch.einsum("bij,kbj->kbi", h_out, jt)
+        return self.fn.flatten(vmap(pullback)(u)[0])
+
+    def _output_hessian(self, out: Tensor, batch: Any) -> Tensor:
+        """``∇²_o ℓ`` per example ``[B, O, O]``: the task's closed form, else ``torch.func.hessian``."""
+        task = self.fn.task
+        closed = getattr(task, "output_hessian", None)
+        if callable(closed):
+            h_out = closed(out, batch)
+        else:
+            def loss_one(o: Tensor, example: Any) -> Tensor:
+                ex = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+                return task.loss_from_outputs(o.unsqueeze(0), ex)[0]
+
+            in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
+            h_out = vmap(hessian(loss_one), in_dims=(0, in_dims))(out, batch)
+        b, o = out.shape
+        if tuple(h_out.shape) != (b, o, o):
+            raise ValueError(
+                f"{task!r}: output Hessian has shape {tuple(h_out.shape)}, expected {(b, o, o)}."
+            )
+        return h_out.to(out.dtype)
+

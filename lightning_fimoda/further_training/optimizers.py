@@ -1,0 +1,167 @@
+"""Functional optimizers over stacked parameters ``{name: [K, *shape]}``, matching ``torch.optim``.
+
+One :class:`OptimizerConfig` describes the further-training optimizer ``A'`` (SPEC §2). It builds the
+``torch.optim`` optimizer for the sequential path and runs the same update functionally for ``K``
+models at once in the vectorised engine: SGD (optional momentum, dampening 0), Adam (L2 weight decay
+added to the gradient) and AdamW (decoupled decay ``θ ← θ (1 − lr·wd)``), with the exact operation
+order of ``torch.optim``'s single-tensor implementations. Gradient clipping is per model (global norm
+over all its parameters, as ``torch.nn.utils.clip_grad_norm_``) and applied before the update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["OPTIMIZERS", "OptimizerConfig", "clip_grad_norm"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+Stacked = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Hyperparameters of the further-training optimizer (validated on construction)."""
+
+    name: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}.")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
+        if self.momentum and self.name != "sgd":
+            raise ValueError(f"momentum applies to optimizer='sgd' only; {self.name!r} uses betas.")
+        b1, b2 = self.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas!r}.")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps!r}.")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    # -- the reference: torch.optim -----------------------------------------------------------
+    def torch_optimizer(self, params: Iterable[Tensor]) -> torch.optim.Optimizer:
+        """The equivalent ``torch.optim`` optimizer (used by the sequential path)."""
+        params = list(params)
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        cls = torch.optim.Adam if self.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+    # -- functional, stacked ------------------------------------------------------------------
+    def init(self, params: Stacked) -> dict[str, Stacked | Tensor]:
+        """Fresh optimizer state for stacked parameters ``[K, ...]`` (per-model step counters ``[K]``)."""
+        k = next(iter(params.values())).shape[0]
+        state: dict[str, Stacked | Tensor] = {}
+        if self.name == "sgd":
+            if self.momentum:
+                state["buf"] = {n: torch.zeros_like(p) for n, p in params.items()}
+        else:
+            state["exp_avg"] = {n: torch.zeros_like(p) for n, p in params.items()}
+            state["exp_avg_sq"] = {n: torch.zeros_like(p) for n, p in params.items()}
+            state["step"] = torch.zeros(k, dtype=torch.float64)
+        return state
+
+    def step(self, params: Stacked, grads: Stacked, state: dict, active: Tensor | None = None) -> Stacked:
+        """One update of every model (in place on ``params`` and ``state``); returns ``params``.
+
+        ``active`` (bool ``[K]``) marks the models that take this step; the others keep their
+        parameters and optimizer state (a ``drop`` run whose epoch has one batch fewer).
+        """
+        if active is not None and bool(active.all()):
+            active = None
+        old = None
+        if active is not None:
+            old = ({n: p.clone() for n, p in params.items()}, _clone_state(state))
+        if self.name == "sgd":
+            self._sgd(params, grads, state)
+        else:
+            self._adam(params, grads, state)
+        if old is not None:
+            _restore_inactive(params, state, old, active)
+        return params
+
+    def _sgd(self, params: Stacked, grads: Stacked, state: dict) -> None:
+        for n, p in params.items():
+            d_p = grads[n]
+            if self.weight_decay:
+                d_p = d_p.add(p, alpha=self.weight_decay)
+            if self.momentum:
+                buf = state["buf"][n]
+                buf.mul_(self.momentum).add_(d_p)  # first step: 0·μ + g = g, as torch's clone
+                d_p = buf
+            p.add_(d_p, alpha=-self.lr)
+
+    def _adam(self, params: Stacked, grads: Stacked, state: dict) -> None:
+        beta1, beta2 = self.betas
+        state["step"] += 1
+        step = state["step"]
+        bias_correction1 = 1 - beta1**step  # [K], float64 like torch's Python floats
+        bias_correction2 = 1 - beta2**step
+        step_size = self.lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2.sqrt()
+        for n, p in params.items():
+            grad = grads[n]
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            if self.weight_decay:
+                if self.name == "adamw":
+                    p.mul_(1 - self.lr * self.weight_decay)
+                else:
+                    grad = grad.add(p, alpha=self.weight_decay)
+            exp_avg, exp_avg_sq = state["exp_avg"][n], state["exp_avg_sq"][n]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
+            p.addcdiv_(exp_avg * (-step_size).to(p.dtype).view(shape), denom)
+
+
+def clip_grad_norm(grads: Stacked, max_norm: float) -> Stacked:
+    """Scale each model's gradient to global norm ``<= max_norm`` as ``clip_grad_norm_`` does.
+
+    ``norm_k = ‖(‖g_{k,1}‖, ‖g_{k,2}‖, ...)‖`` over the parameters of model ``k``;
+    ``g_k ← g_k · min(1, max_norm / (norm_k + 1e-6))``.
+    """
+    norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads.values()], dim=1)
+    total = norms.norm(dim=1)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    return {n: g * coef.view((-1,) + (1,) * (g.dim() - 1)) for n, g in grads.items()}
+
+
+def _clone_state(state: dict) -> dict:
+    return {
+        k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v.clone()) for k, v in state.items()
+    }
+
+
+def _restore_inactive(params: Stacked, state: dict, old: tuple, active: Tensor) -> None:
+    old_params, old_state = old
+
+    def keep(new: Tensor, prev: Tensor) -> None:
+        mask = active.view((-1,) + (1,) * (new.dim() - 1))
+        new.copy_(torch.where(mask, new, prev))
+
+    for n, p in params.items():
+        keep(p, old_params[n])
+    for k, v in state.items():
+        if isinstance(v, dict):
+            for n, t in v.items():
+                keep(t, old_state[k][n])
+        else:
+            keep(v, old_state[k])
