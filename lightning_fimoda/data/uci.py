@@ -180,9 +180,11 @@ class AdultDataModule(CSVDataModule):
     label = "Salary"
     classes = ("<=50K", ">50K")
 
-    def __init__(self, data_dir: str | Path = "data", path: str | Path | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("test_size", 0.25)
-        super().__init__(data_dir=data_dir, path=path, **kwargs)
+    def __init__(
+        self, data_dir: str | Path = "data", path: str | Path | None = None, test_size: float | int = 0.25,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(data_dir=data_dir, path=path, test_size=test_size, **kwargs)
 
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         header, rows = self.read()
@@ -233,10 +235,9 @@ class FolktablesDataModule(TabularDataModule):
 
     def __init__(
         self, data_dir: str | Path = "data", state: str = "MA", year: str = "2018", download: bool = False,
-        **kwargs: Any,
+        test_size: float | int = 0.25, **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("test_size", 0.25)
-        super().__init__(**kwargs)
+        super().__init__(test_size=test_size, **kwargs)
         self.data_dir = Path(data_dir)
         self.state = state
         self.year = year

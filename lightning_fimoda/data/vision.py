@@ -58,6 +58,8 @@ class CIFAR10DataModule(L.LightningDataModule):
     task_kind = "classification"
     name = "CIFAR-10"
     npz_name = "cifar10_subset.npz"
+    input_dim = (3, 32, 32)
+    num_outputs = num_classes = len(CLASSES)
 
     def __init__(
         self,
@@ -91,9 +93,6 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.train_dataset: TensorDataset | None = None
         self.test_dataset: TensorDataset | None = None
 
-    input_dim = (3, 32, 32)
-    num_outputs = num_classes = len(CLASSES)
-
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """uint8 images ``[N, 32, 32, 3]`` and int labels ``[N]`` of the train and test splits."""
         path = self.path or self.data_dir / self.npz_name
@@ -104,7 +103,7 @@ class CIFAR10DataModule(L.LightningDataModule):
 
             train = CIFAR10(str(self.data_dir), train=True, download=self.download)
             test = CIFAR10(str(self.data_dir), train=False, download=self.download)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        except (RuntimeError, OSError) as err:  # not found / corrupted, or no network for the download
             raise FileNotFoundError(
                 f"CIFAR-10: neither {str(path)!r} nor torchvision's CIFAR-10 under {str(self.data_dir)!r} "
                 "found. Pass path= to an .npz with x_train/y_train/x_test/y_test, or download=True to fetch "
