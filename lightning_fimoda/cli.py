@@ -1,0 +1,197 @@
+"""The ``fimoda`` command line, and the YAML schema shared with LightningCLI and the plugin.
+
+Commands::
+
+    fimoda run CONFIG.yaml [--trainer.max_epochs=3 ...]      # train, attribute, gold standard, report
+    fimoda attribute --checkpoint CKPT --config CONFIG.yaml  # an existing model (final-model-only)
+    fimoda report RUN_DIR                                    # re-render report.md and figures
+
+Configuration (a LightningCLI config with one extra section, ``fimoda``; parsed with jsonargparse,
+so every key is type-checked and ``--key=value`` overrides work)::
+
+    seed_everything: 0                      # global seed before the model is built
+    trainer:                                # lightning.pytorch.Trainer arguments
+      max_epochs: 200
+      accelerator: cpu
+      logger:                               # default: TensorBoardLogger under default_root_dir
+        class_path: lightning.pytorch.loggers.TensorBoardLogger
+        init_args: {save_dir: runs, name: diabetes}
+    model:                                  # any LightningModule; it should define attribution_task()
+      class_path: lightning_fimoda.models.MLP
+      init_args: {...}
+    data:                                   # any LightningDataModule exposing train_dataset / test_dataset
+      class_path: lightning_fimoda.data.DiabetesDataModule
+      init_args: {...}
+    fimoda:                                 # FiMODACallback arguments
+      estimators:                           # names, or {name: ..., <estimator arguments>}
+        - grad_dot
+        - {name: grad_cos, label: cosine}
+      num_train: 100                        # or train_indices: [...]; also the leave-one-out set
+      num_test: 50                          # or test_indices: [...]
+      seed: 0                               # seed of those random choices
+      task:                                 # optional: default is model.attribution_task()
+        class_path: lightning_fimoda.SupervisedTask
+        init_args: {loss: mse}
+      gold:                                 # FurtherTrainingLoop arguments (the task comes from the model)
+        optimizer: sgd                      # sgd | adam | adamw
+        lr: 0.03
+        epochs: 10                          # or steps: ...
+        batch_size: 128
+        seeds: 10
+        eval_every: epoch
+        adjustments: [mean, full]
+      output_dir: null                      # default: <trainer.log_dir>/fimoda
+      log: true
+      plots: true
+      mislabeled: null                      # training indices with flipped labels (AUC)
+      seed_ks: null                         # seed-averaging group sizes
+
+The same ``fimoda`` section configures the Lightning plugin (:mod:`lightning_fimoda.plugin`). Inside a
+plain LightningCLI config, put the same arguments under ``trainer.callbacks`` with
+``class_path: lightning_fimoda.FiMODACallback``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from .callback import FiMODACallback
+from .report import AttributionReport
+
+__all__ = ["FiMODACLI", "callback_from_config", "main"]
+
+SECTION = "fimoda"
+
+
+class FiMODACLI(LightningCLI):
+    """``LightningCLI`` with a ``fimoda`` section whose arguments build a :class:`FiMODACallback`."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(FiMODACallback, SECTION)
+
+
+def _make_cli(args: Sequence[str], *, save_config: bool) -> FiMODACLI:
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are passed explicitly, not read from argv
+    try:
+        return FiMODACLI(
+            args=list(args),
+            run=False,
+            save_config_callback=SaveConfigCallback if save_config else None,
+            save_config_kwargs={"overwrite": True},
+        )
+    finally:
+        sys.argv = argv
+
+
+def fimoda_callback(cli: LightningCLI) -> FiMODACallback:
+    """The :class:`FiMODACallback` the CLI attached to its trainer."""
+    found = [cb for cb in cli.trainer.callbacks if isinstance(cb, FiMODACallback)]
+    if len(found) != 1:
+        raise RuntimeError(f"Expected one FiMODACallback on the trainer, found {len(found)}.")
+    return found[0]
+
+
+def callback_from_config(path: str | Path) -> FiMODACallback:
+    """A :class:`FiMODACallback` from a YAML file: its ``fimoda`` section, or the whole file if absent."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"FiMODA configuration file not found: {path}")
+    content = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{path}: expected a YAML mapping of FiMODACallback arguments.")
+    section = content.get(SECTION, content)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(FiMODACallback, SECTION, fail_untyped=False)
+    cfg = parser.parse_object({SECTION: dict(section or {})})
+    return parser.instantiate_classes(cfg)[SECTION]
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    # A Lightning checkpoint holds more than tensors (hyperparameters, loop state): trusted files only,
+    # as with LightningModule.load_from_checkpoint.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds neither a Lightning checkpoint nor a state_dict.")
+    model.load_state_dict(state)
+
+
+def run(config: str, overrides: Sequence[str] = ()) -> AttributionReport | None:
+    """``fimoda run``: fit the configured model with the FiMODA callback attached."""
+    cli = _make_cli(["--config", config, *overrides], save_config=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return fimoda_callback(cli).report
+
+
+def attribute(checkpoint: str, config: str, overrides: Sequence[str] = ()) -> AttributionReport | None:
+    """``fimoda attribute``: attribute the model in ``checkpoint`` without training it."""
+    cli = _make_cli(["--config", config, *overrides], save_config=False)
+    _load_weights(cli.model, checkpoint)
+    dm = cli.datamodule
+    if dm is not None:
+        dm.prepare_data()
+        dm.setup("fit")
+    return fimoda_callback(cli).attribute(cli.trainer, cli.model, datamodule=dm)
+
+
+def rerender(run_dir: str | Path) -> AttributionReport:
+    """``fimoda report``: load the report in ``run_dir``; rewrite ``report.md`` and the PNG figures."""
+    from .plotting import render_figures, save_figures
+
+    report = AttributionReport.load(run_dir)
+    report.write_markdown(run_dir)
+    save_figures(render_figures(report), run_dir)
+    return report
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fimoda",
+        description="Final-model-only data attribution with Lightning.",
+        epilog="Extra --key=value arguments (e.g. --trainer.max_epochs=5 --fimoda.num_train=50) override the "
+        "YAML configuration; --print_config prints the complete configuration. Schema: "
+        "python -m pydoc lightning_fimoda.cli",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train, attribute, run the gold standard and write the report")
+    r.add_argument("config", help="YAML configuration (see `python -m pydoc lightning_fimoda.cli`)")
+    a = sub.add_parser("attribute", help="attribute an existing checkpoint (no training)")
+    a.add_argument("--checkpoint", required=True, help="Lightning .ckpt or a state_dict file")
+    a.add_argument("--config", required=True, help="YAML configuration naming the model and data")
+    rep = sub.add_parser("report", help="re-render report.md and figures from a saved report")
+    rep.add_argument("run_dir", help="directory holding report.json (the callback's output_dir)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fimoda`` command; extra ``--key=value`` arguments override the config."""
+    args, overrides = _parser().parse_known_args(argv)
+    if args.command == "report":
+        if overrides:
+            raise SystemExit(f"fimoda report: unexpected arguments {overrides}")
+        report = rerender(args.run_dir)
+        print(report.summary())
+        print(f"Re-rendered {Path(args.run_dir) / 'report.md'} and figures.")
+        return 0
+    if args.command == "run":
+        run(args.config, overrides)
+    else:
+        attribute(args.checkpoint, args.config, overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
