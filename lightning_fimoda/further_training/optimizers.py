@@ -68,7 +68,8 @@ class OptimizerConfig:
     # -- functional, stacked ------------------------------------------------------------------
     def init(self, params: Stacked) -> dict[str, Stacked | Tensor]:
         """Fresh optimizer state for stacked parameters ``[K, ...]`` (per-model step counters ``[K]``)."""
-        k = next(iter(params.values())).shape[0]
+        first = next(iter(params.values()))
+        k = first.shape[0]
         state: dict[str, Stacked | Tensor] = {}
         if self.name == "sgd":
             if self.momentum:
@@ -76,7 +77,7 @@ class OptimizerConfig:
         else:
             state["exp_avg"] = {n: torch.zeros_like(p) for n, p in params.items()}
             state["exp_avg_sq"] = {n: torch.zeros_like(p) for n, p in params.items()}
-            state["step"] = torch.zeros(k, dtype=torch.float64)
+            state["step"] = torch.zeros(k, dtype=torch.float64, device=first.device)
         return state
 
     def step(self, params: Stacked, grads: Stacked, state: dict, active: Tensor | None = None) -> Stacked:
@@ -129,7 +130,7 @@ class OptimizerConfig:
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
-            p.addcdiv_(exp_avg * (-step_size).to(p.dtype).view(shape), denom)
+            p.sub_(exp_avg.div(denom).mul_(step_size.to(p.dtype).view(shape)))
 
 
 def clip_grad_norm(grads: Stacked, max_norm: float) -> Stacked:
@@ -146,7 +147,8 @@ def clip_grad_norm(grads: Stacked, max_norm: float) -> Stacked:
 
 def _clone_state(state: dict) -> dict:
     return {
-        k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v.clone()) for k, v in state.items()
+        k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v.clone())
+        for k, v in state.items()
     }
 
 

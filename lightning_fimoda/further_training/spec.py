@@ -40,7 +40,7 @@ class TrainingSpec:
     """Validated settings of every run of one further-training job over ``n`` training examples."""
 
     optimizer: OptimizerConfig
-    n: int
+    n: int | None
     batch_size: int
     epochs: int | None
     steps: int | None
@@ -55,17 +55,27 @@ class TrainingSpec:
             raise ValueError("Give exactly one of epochs= or steps= (the length of every run).")
         for name in ("epochs", "steps", "batch_size"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            if value is not None and not (
+                isinstance(value, int) and not isinstance(value, bool) and value > 0
+            ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.eval_every == "epoch":
             if self.epochs is None:
                 raise ValueError("eval_every='epoch' needs epochs=; with steps= give eval_every=<int steps>.")
-        elif not (isinstance(self.eval_every, int) and not isinstance(self.eval_every, bool) and self.eval_every > 0):
-            raise ValueError(f"eval_every must be 'epoch' or a positive number of steps, got {self.eval_every!r}.")
+        elif not (
+            isinstance(self.eval_every, int) and not isinstance(self.eval_every, bool) and self.eval_every > 0
+        ):
+            raise ValueError(
+                f"eval_every must be 'epoch' or a positive number of steps, got {self.eval_every!r}."
+            )
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
             raise ValueError(f"grad_clip must be None or a finite number > 0, got {self.grad_clip!r}.")
+        if self.n is None:  # settings only, checked before the data is known
+            return
         if self.n < 2:
-            raise ValueError(f"Leave-one-out further training needs at least 2 training examples, got {self.n}.")
+            raise ValueError(
+                f"Leave-one-out further training needs at least 2 training examples, got {self.n}."
+            )
         if (
             self.epochs is not None
             and self.eval_every != "epoch"
@@ -82,6 +92,10 @@ class TrainingSpec:
         """Batches per epoch of a run (``excluded``: a leave-one-out run, which matters for ``drop``)."""
         size = self.n - 1 if excluded and self.leave_out == "drop" else self.n
         return math.ceil(size / self.batch_size)
+
+    def run_steps(self, excluded: bool) -> int:
+        """Optimizer steps of one run (a ``drop`` LOO run may take fewer per epoch)."""
+        return self.steps if self.steps is not None else self.epochs * self.steps_per_epoch(excluded)
 
     @property
     def total_steps(self) -> int:
