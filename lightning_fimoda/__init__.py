@@ -5,18 +5,22 @@ positive = the training example helps (leaving it out would raise the test loss)
 """
 
 from .attribute import attribute
+from .callback import FiMODACallback
 from .estimators.base import Estimator
 from .functional import FunctionalTask
 from .gold_standard import GoldStandard
 from .gradients import GradientCache, PerSampleGradients, per_sample_gradients
 from .registry import available_estimators, build_estimator, register_estimator
+from .report import AttributionReport
 from .task import AttributionTask, SupervisedTask
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttributionReport",
     "AttributionTask",
     "Estimator",
+    "FiMODACallback",
     "FunctionalTask",
     "GoldStandard",
     "GradientCache",

@@ -372,3 +372,14 @@ def test_functional_optimizer_matches_torch_optim(config):
             torch_opt.step()
         for n in start:
             torch.testing.assert_close(stacked[n][k], ref[n].detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_lightning_mlp_uses_the_mlp_engine_and_matches_sequential():
+    from lightning_fimoda.models import MLP
+
+    _, train, test = problem()
+    model = MLP(input_dim=train.tensors[0].shape[1], hidden=(5,), seed=0).double()
+    lp = loop()
+    fast = lp.run(model, train, test, LOO)
+    assert lp.info["engine"] == "mlp"
+    assert_same(fast, loop(engine="sequential").run(model, train, test, LOO), 1e-9)

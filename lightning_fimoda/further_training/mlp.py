@@ -1,6 +1,6 @@
 """Hand-written forward/backward for stacks of ``K`` MLPs: the engine's fast path on CPU.
 
-For ``nn.Sequential`` models made of ``nn.Linear`` layers and elementwise activations (ReLU, LeakyReLU,
+For ``nn.Sequential`` models (or modules naming their ``nn.Sequential`` body in ``fimoda_sequential``) made of ``nn.Linear`` layers and elementwise activations (ReLU, LeakyReLU,
 Tanh, Sigmoid, Identity; Dropout counts as identity in eval mode) with a :class:`SupervisedTask`, the
 gradient of each member's weighted loss ``L_k = Σ_r w_{kr} ℓ(z_{kr}; θ_k)`` is computed with batched
 matrix products (``torch.baddbmm`` / ``torch.bmm`` over the member axis) instead of ``vmap(grad)``:
@@ -35,7 +35,8 @@ class MLPKernel:
         if reason:
             raise ValueError(f"The 'mlp' engine cannot run this model: {reason}. Use engine='vectorised'.")
         self.loss = task.loss
-        self.layers: list[tuple[str, nn.Module]] = list(model.named_children())
+        body, prefix = _sequential_body(model)
+        self.layers: list[tuple[str, nn.Module]] = [(prefix + n, m) for n, m in body.named_children()]
 
     @staticmethod
     def unsupported(model: nn.Module, task: AttributionTask, example: Any = None) -> str | None:
@@ -45,12 +46,18 @@ class MLPKernel:
         """
         if type(task) is not SupervisedTask:
             return f"the task is {type(task).__name__}, not SupervisedTask"
-        if type(model) is not nn.Sequential:
-            return f"the model is {type(model).__name__}, not nn.Sequential"
-        kinds = [type(m).__name__ for m in model.children() if not isinstance(m, (nn.Linear, *_ACTIVATIONS))]
+        body, prefix = _sequential_body(model)
+        if body is None:
+            return (
+                f"the model is {type(model).__name__}, not nn.Sequential (nor does it name its "
+                "nn.Sequential body in a `fimoda_sequential` attribute)"
+            )
+        if any(not n.startswith(prefix) for n, _ in model.named_parameters()):
+            return f"it has parameters outside its nn.Sequential body {prefix.rstrip('.')!r}"
+        kinds = [type(m).__name__ for m in body.children() if not isinstance(m, (nn.Linear, *_ACTIVATIONS))]
         if kinds:
             return f"it contains {sorted(set(kinds))} (only Linear and elementwise activations are supported)"
-        linears = [m for m in model.children() if isinstance(m, nn.Linear)]
+        linears = [m for m in body.children() if isinstance(m, nn.Linear)]
         if not linears:
             return "it has no Linear layer"
         if any(not p.requires_grad for p in model.parameters()):
@@ -128,6 +135,22 @@ class MLPKernel:
         grad = logp.exp()
         grad.scatter_add_(-1, labels.unsqueeze(-1), -torch.ones_like(ell).unsqueeze(-1))
         return ell, grad
+
+
+def _sequential_body(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """The ``nn.Sequential`` that computes ``model``'s forward, and its parameter-name prefix.
+
+    A plain ``nn.Sequential`` is its own body; another module opts in by naming the submodule whose
+    forward *is* its forward in a class attribute ``fimoda_sequential`` (``lightning_fimoda.models.MLP``
+    sets ``"net"``).
+    """
+    if type(model) is nn.Sequential:
+        return model, ""
+    name = getattr(model, "fimoda_sequential", None)
+    body = getattr(model, name, None) if isinstance(name, str) else None
+    if type(body) is nn.Sequential:
+        return body, name + "."
+    return None, ""
 
 
 def _forward(module: nn.Module, a: Tensor) -> Tensor:

@@ -36,6 +36,8 @@ class MLP(L.LightningModule):
         seed: seed of the weight initialisation (paper: 0); ``None`` uses the global RNG.
     """
 
+    fimoda_sequential = "net"  # forward is exactly self.net: lets further training use its MLP engine
+
     def __init__(
         self,
         input_dim: int,
