@@ -1,0 +1,360 @@
+"""kronfluence estimators (ekfac, kfac, diagonal; identity as a check) against independent oracles."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+from torch.utils.data import TensorDataset
+
+from lightning_fimoda import SupervisedTask, attribute, build_estimator
+from lightning_fimoda._quiet import library_output
+from lightning_fimoda.estimators.kronfluence_adapter import (
+    EKFAC,
+    KronfluenceIdentity,
+    _FisherSampler,
+    kronfluence_tracked_modules,
+)
+
+from .conftest import make_mlp, make_regression
+
+MSE, CE = SupervisedTask("mse"), SupervisedTask("cross_entropy")
+STRATEGIES = ["ekfac", "kfac", "diagonal"]
+
+
+# -- shared oracles and problems (also used by test_trak_adapter.py) --------------------------------------
+def make_classification(n: int = 30, d_in: int = 3, classes: int = 3, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    w = torch.randn(d_in, classes, generator=g, dtype=torch.float64)
+    y = (x @ w + 0.8 * torch.randn(n, classes, generator=g, dtype=torch.float64)).argmax(dim=1)
+    return TensorDataset(x, y)
+
+
+def fit_to_convergence(model: nn.Module, task: SupervisedTask, data: TensorDataset, steps: int = 200) -> nn.Module:
+    """Full-batch L-BFGS in float64: the final model is (numerically) a minimiser of the risk."""
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=steps, tolerance_grad=1e-12,
+                            tolerance_change=1e-14, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = task.per_example_loss(model, data.tensors).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model
+
+
+REFIT_STEPS, REFIT_LR = 250, 0.02
+SIGN_DAMPING = 1.0 / (REFIT_STEPS * REFIT_LR)  # K gradient steps of size η ≈ an influence function with λ = 1/(ηK)
+
+
+def refit_test_losses(model: nn.Module, task: SupervisedTask, train: TensorDataset, test: TensorDataset,
+                      drops: list[int | None]) -> Tensor:
+    """Test losses ``[len(drops), T]`` after ``REFIT_STEPS`` full-batch gradient steps from ``θ̂`` on
+    ``(1/n) Σ_{i≠drop} ℓ_i``, all refits at once (``drop=None``: the full objective, whose refit cancels
+    any non-stationarity of ``θ̂``)."""
+    weights = torch.ones(len(drops), len(train), dtype=torch.float64)
+    for row, drop in enumerate(drops):
+        if drop is not None:
+            weights[row, drop] = 0.0
+
+    def risk(params: dict[str, Tensor], w: Tensor) -> Tensor:
+        out = functional_call(model, params, (train.tensors[0],)).reshape(len(train), -1)
+        return (task.loss_from_outputs(out, train.tensors) * w).sum() / len(train)
+
+    params = {n: p.detach().expand(len(drops), *p.shape).clone() for n, p in model.named_parameters()}
+    step = vmap(grad(risk))
+    for _ in range(REFIT_STEPS):
+        grads = step(params, weights)
+        params = {n: p - REFIT_LR * grads[n] for n, p in params.items()}
+
+    def test_losses(p: dict[str, Tensor]) -> Tensor:
+        out = functional_call(model, p, (test.tensors[0],)).reshape(len(test), -1)
+        return task.loss_from_outputs(out, test.tensors)
+
+    return vmap(test_losses)(params)
+
+
+def dense_gauss_newton_scores(model: nn.Module, task: SupervisedTask, train: TensorDataset,
+                              test: TensorDataset, damping: float) -> Tensor:
+    """``(1/n) g_x (H_GN + λI)^{-1} g_jᵀ`` with ``H_GN = (1/n) Σ J_iᵀ ∇²_o ℓ_i J_i`` (dense, jacrev)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(params)
+
+    def flat_jac(data: TensorDataset, fn) -> Tensor:
+        jac = jacrev(fn)(params, data)
+        return torch.cat([jac[n].reshape(*jac[n].shape[: -params[n].dim()], -1) for n in names], dim=-1)
+
+    outputs = lambda p, d: functional_call(model, p, (d.tensors[0],)).reshape(len(d), -1)  # noqa: E731
+    losses = lambda p, d: task.loss_from_outputs(outputs(p, d), d.tensors)  # noqa: E731
+    j_out = flat_jac(train, outputs)  # [n, O, P]
+    h_out = task.output_hessian(outputs(params, train), train.tensors)  # [n, O, O]
+    n, num = len(train), j_out.shape[-1]
+    gn = torch.einsum("nop,noq,nqr->pr", j_out, h_out, j_out) / n
+    g_train, g_test = flat_jac(train, losses), flat_jac(test, losses)
+    return g_test @ torch.linalg.solve(gn + damping * torch.eye(num, dtype=gn.dtype), g_train.T) / n
+
+
+def row_cosine(a: Tensor, b: Tensor) -> Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=1)
+
+
+def assert_signs_match_refits(scores: Tensor, model, task, train, test) -> None:
+    """For every test row, leaving out the most positive example raises the test loss (after the refit,
+    relative to the full refit), and leaving out the most negative one lowers it."""
+    top, bottom = scores.argmax(dim=1).tolist(), scores.argmin(dim=1).tolist()
+    rows = torch.arange(len(test))
+    assert (scores[rows, top] > 0).all() and (scores[rows, bottom] < 0).all(), scores
+    losses = refit_test_losses(model, task, train, test, [None, *top, *bottom])
+    full, up, down = losses[0], losses[1 : 1 + len(test)], losses[1 + len(test) :]
+    assert (up[rows, rows] > full).all(), (up[rows, rows] - full, top)
+    assert (down[rows, rows] < full).all(), (down[rows, rows] - full, bottom)
+
+
+@pytest.fixture(scope="module")
+def regression_setup():
+    train, test = make_regression(24, d_in=3, seed=1), make_regression(5, d_in=3, seed=2)
+    return make_mlp(d_in=3, hidden=5), train, test
+
+
+# -- identity == Grad-Dot -------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", [MSE, CE], ids=["mse", "cross_entropy"])
+def test_identity_strategy_equals_grad_dot_over_n(task):
+    if task is MSE:
+        model, train, test = make_mlp(d_in=3, hidden=5), make_regression(24, d_in=3), make_regression(5, d_in=3, seed=2)
+    else:
+        model = make_mlp(d_in=3, hidden=5, d_out=3)
+        train, test = make_classification(24), make_classification(5, seed=2)
+    out = attribute(model, task, train, test, ["grad_dot", KronfluenceIdentity(batch_size=7)])
+    n = len(train)
+    assert out["kronfluence_identity"].dtype == torch.float64
+    assert (row_cosine(out["kronfluence_identity"], out["grad_dot"]) > 1 - 1e-5).all()
+    torch.testing.assert_close(out["kronfluence_identity"] * n, out["grad_dot"], rtol=1e-10, atol=1e-12)
+
+
+def test_scores_do_not_depend_on_the_batch_size_summed_losses():
+    """Mean-reduced losses would scale kronfluence's gradients (and scores) by 1/batch size."""
+    model, train, test = make_mlp(d_in=3, hidden=5), make_regression(10, d_in=3), make_regression(3, d_in=3, seed=2)
+    a = KronfluenceIdentity(batch_size=1).fit(model, MSE, train).score(test)
+    b = KronfluenceIdentity(batch_size=10).fit(model, MSE, train).score(test)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    c = EKFAC(damping=0.01, fisher="empirical", batch_size=3).fit(model, MSE, train).score(test)
+    d = EKFAC(damping=0.01, fisher="empirical", batch_size=10).fit(model, MSE, train).score(test)
+    torch.testing.assert_close(c, d, rtol=1e-8, atol=1e-10)
+
+
+def test_scored_subset_uses_the_full_data_curvature(regression_setup):
+    model, train, test = regression_setup
+    idx = torch.tensor([3, 17, 8])
+    full = EKFAC(damping=0.01).fit(model, MSE, train).score(test)
+    part = EKFAC(damping=0.01).fit(model, MSE, train, idx).score(test)
+    torch.testing.assert_close(part, full[:, idx])
+
+
+# -- EK-FAC with the sampled Fisher ≈ explicit Gauss-Newton on least squares -------------------------
+def test_ekfac_sampled_fisher_matches_gauss_newton_influence_on_least_squares():
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 4
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -0.5, 2.0, 0.3], dtype=torch.float64) + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    train, test = TensorDataset(x, y), TensorDataset(torch.randn(6, d, generator=g, dtype=torch.float64),
+                                                     torch.randn(6, generator=g, dtype=torch.float64))
+    torch.manual_seed(0)
+    model = nn.Linear(d, 1).double()
+    fit_to_convergence(model, MSE, train)
+    damping = 0.05
+    oracle = dense_gauss_newton_scores(model, MSE, train, test, damping)
+    for name in ("ekfac", "kfac"):
+        est = build_estimator(name, damping=damping, fisher="sampled", seed=3)
+        scores = est.fit(model, MSE, train).score(test)
+        assert (row_cosine(scores, oracle) > 0.95).all(), (name, row_cosine(scores, oracle))
+        ratio = scores.norm(dim=1) / oracle.norm(dim=1)
+        assert ((ratio > 0.8) & (ratio < 1.25)).all(), (name, ratio)
+        assert est.settings()["damping"] == damping
+
+
+def test_fisher_sampler_covariance_is_the_output_hessian():
+    """``E[∇_o ℓ̃ ∇_o ℓ̃ᵀ] = ∇²_o ℓ``: 2I for MSE (y ~ N(o, I/2)), diag(p) − ppᵀ for cross-entropy."""
+    reps = 40000
+    for task, outputs in ((MSE, torch.tensor([[0.3, -1.0]])), (CE, torch.tensor([[0.5, -0.2, 1.0]]))):
+        outputs = outputs.double().expand(reps, -1).clone().requires_grad_(True)
+        batch = (torch.zeros(reps, 1), torch.zeros(reps, dtype=torch.long))
+        sampler = _FisherSampler(task, seed=0)
+        v = torch.autograd.grad(sampler(outputs, batch), outputs)[0]
+        cov = v.T @ v / reps
+        expected = task.output_hessian(outputs[:1].detach(), batch)[0]
+        torch.testing.assert_close(cov, expected, atol=0.05, rtol=0.05)
+        again = torch.autograd.grad(_FisherSampler(task, seed=0)(outputs, batch), outputs)[0]
+        assert torch.equal(v, again)  # seeded
+
+
+# -- the sign test --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def converged_regression():
+    train, test = make_regression(20, d_in=2, seed=5), make_regression(4, d_in=2, seed=6)
+    model = fit_to_convergence(make_mlp(d_in=2, hidden=3, seed=1), MSE, train)
+    return model, train, test
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_sign_matches_leave_one_out_refits(converged_regression, name):
+    model, train, test = converged_regression
+    scores = build_estimator(name, damping=SIGN_DAMPING).fit(model, MSE, train).score(test)
+    assert_signs_match_refits(scores, model, MSE, train, test)
+
+
+# -- no stale results, nothing left behind, the user's model untouched ---------------------------------
+def test_running_twice_with_different_data_gives_different_correct_scores(tmp_path, regression_setup):
+    """kronfluence silently reloads results saved under a reused name; every fit here starts afresh."""
+    model, train, test = regression_setup
+    other = make_regression(24, d_in=3, seed=7)
+    identity = KronfluenceIdentity(output_dir=tmp_path)
+    first = identity.fit(model, MSE, train).score(test)
+    second = identity.fit(model, MSE, other).score(test)
+    ref = attribute(model, MSE, other, test, ["grad_dot"])["grad_dot"] / len(other)
+    torch.testing.assert_close(second, ref, rtol=1e-10, atol=1e-12)
+    assert (first - second).abs().max() > 1e-3 * first.abs().max()
+    assert len(list(tmp_path.iterdir())) == 2  # one fresh subdirectory per fit, in the user's folder
+    ekfac = EKFAC(damping=0.01)
+    a = ekfac.fit(model, MSE, train).score(test)
+    b = ekfac.fit(model, MSE, other).score(test)
+    torch.testing.assert_close(b, EKFAC(damping=0.01).fit(model, MSE, other).score(test))
+    assert (a - b).abs().max() > 1e-3 * a.abs().max()
+    c = ekfac.fit(model, MSE, other).score(make_regression(5, d_in=3, seed=8))  # other test data, same name slot
+    assert (c - b).abs().max() > 1e-3 * b.abs().max()
+
+
+def test_nothing_left_in_the_working_directory_and_temporary_files_removed(tmp_path, monkeypatch, regression_setup):
+    model, train, test = regression_setup
+    monkeypatch.chdir(tmp_path)
+    est = EKFAC(damping=0.01)
+    est.fit(model, MSE, train).score(test)
+    workdir = est._workdir
+    assert workdir.exists() and tmp_path not in workdir.parents
+    attribute(model, MSE, train, test, ["kfac", "diagonal"])
+    assert list(tmp_path.iterdir()) == []
+    del est
+    gc.collect()
+    assert not workdir.exists()
+
+
+def test_the_users_model_is_not_modified(regression_setup):
+    model, train, test = regression_setup
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    EKFAC(damping=0.01).fit(model, MSE, train).score(test)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert [type(m) for m in model.modules()] == [nn.Sequential, nn.Linear, nn.Tanh, nn.Linear]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+# -- tracked modules -------------------------------------------------------------------------------------
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def test_untracked_parameters_are_reported_and_the_rest_scored(regression_setup):
+    _, train, test = regression_setup
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 1), _Scaled()).double()
+    with pytest.warns(UserWarning, match=r"ignored: \['1.weight', '1.bias', '4.scale'\]"):
+        est = KronfluenceIdentity().fit(model, MSE, train)
+    scores = est.score(test)
+    ref = attribute(model, MSE, train, test, [build_estimator("grad_dot", params=["0", "3"])])["grad_dot"]
+    torch.testing.assert_close(scores * len(train), ref, rtol=1e-10, atol=1e-12)
+    assert est.info["tracked_modules"] == ["0", "3"]
+
+
+def test_nothing_tracked_or_a_split_layer_is_an_error(regression_setup):
+    _, train, _ = regression_setup
+    with pytest.raises(ValueError, match="supports only layers"):
+        EKFAC().fit(nn.Sequential(_Scaled()), MSE, train)
+    model = make_mlp(d_in=3, hidden=5)
+    with pytest.raises(ValueError, match="weight and bias together|select the whole layer"):
+        kronfluence_tracked_modules(model, ["0.weight"])
+    assert kronfluence_tracked_modules(model, ["2"]) == (["2"], [])
+
+
+# -- settings, damping, bad input, output routing ---------------------------------------------------------
+def test_default_damping_is_kronfluences_heuristic_and_reported(regression_setup):
+    model, train, test = regression_setup
+    est = EKFAC(fisher="empirical").fit(model, MSE, train)
+    damping = est.settings()["damping"]
+    assert set(damping) == {"0", "2"} and all(v > 0 for v in damping.values())
+    # the heuristic applied per layer equals an explicit damping when there is one layer
+    lin = nn.Linear(3, 1).double()
+    est = EKFAC(fisher="empirical").fit(lin, MSE, train)
+    (value,) = est.info["damping"].values()
+    torch.testing.assert_close(est.score(test), EKFAC(fisher="empirical", damping=value).fit(lin, MSE, train).score(test))
+
+
+def test_bad_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match="damping"):
+        EKFAC(damping=-1.0)
+    with pytest.raises(ValueError, match="fisher"):
+        EKFAC(fisher="true")
+    with pytest.raises(ValueError, match="batch_size"):
+        EKFAC(batch_size=0)
+    with pytest.raises(TypeError, match="Allowed"):
+        build_estimator("ekfac", strategy="kfac")
+
+
+def test_library_output_is_routed_quiet_by_default_visible_on_request(capsys, regression_setup):
+    model, train, test = regression_setup
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        EKFAC(damping=0.01).fit(model, MSE, train).score(test)
+    assert [str(w.message) for w in escaped] == []  # kronfluence's FutureWarnings went to our logger
+    assert capsys.readouterr().err == ""
+    EKFAC(damping=0.01, progress=True).fit(model, MSE, train)
+    assert "%" in capsys.readouterr().err  # tqdm bars when asked for
+
+
+def test_library_output_reissues_warnings_on_our_logger_and_restores_root_handlers(caplog):
+    root = logging.getLogger()
+    before = list(root.handlers)
+    with caplog.at_level(logging.DEBUG, "lightning_fimoda"), library_output("somelib") as log:
+        warnings.warn("internal detail", FutureWarning, stacklevel=1)
+        warnings.warn("check your data", UserWarning, stacklevel=1)
+        warnings.warn("check your data", UserWarning, stacklevel=1)  # repeated: reported once
+        root.addHandler(logging.NullHandler())  # what logging.basicConfig() would do
+    assert log.name == "lightning_fimoda.somelib" and root.handlers == before
+    got = [(r.levelno, r.getMessage().split(" (")[0]) for r in caplog.records if r.name == log.name]
+    assert got == [(logging.DEBUG, "FutureWarning from somelib: internal detail"),
+                   (logging.WARNING, "UserWarning from somelib: check your data")]
+
+
+def test_classification_runs_in_float64_with_sensible_scores():
+    model = make_mlp(d_in=3, hidden=4, d_out=3)
+    train, test = make_classification(30), make_classification(4, seed=2)
+    oracle = dense_gauss_newton_scores(model, CE, train, test, damping=0.05)
+    for name in STRATEGIES:
+        scores = build_estimator(name, damping=0.05, seed=1).fit(model, CE, train).score(test)
+        assert scores.dtype == torch.float64 and scores.shape == (4, 30)
+        assert (row_cosine(scores, oracle) > 0.8).all(), (name, row_cosine(scores, oracle))
+
+
+def test_kronfluences_memory_release_does_not_reset_compiled_graphs(monkeypatch, regression_setup):
+    """kronfluence's release_memory calls torch.compiler.reset() (and a full gc) ~10 times per fit."""
+    import kronfluence.computer.computer as computer
+    import kronfluence.utils.state as state
+
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    model, train, test = regression_setup
+    EKFAC(damping=0.01).fit(model, MSE, train).score(test)
+    assert resets == []
+    assert computer.release_memory is state.release_memory  # restored afterwards
