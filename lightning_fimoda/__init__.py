@@ -8,6 +8,7 @@ from .attribute import attribute
 from .callback import FiMODACallback
 from .estimators.base import Estimator
 from .functional import FunctionalTask
+from .further_training import CostEstimate, FurtherTrainingLoop
 from .gold_standard import GoldStandard
 from .gradients import GradientCache, PerSampleGradients, per_sample_gradients
 from .registry import available_estimators, build_estimator, register_estimator
@@ -19,9 +20,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AttributionReport",
     "AttributionTask",
+    "CostEstimate",
     "Estimator",
     "FiMODACallback",
     "FunctionalTask",
+    "FurtherTrainingLoop",
     "GoldStandard",
     "GradientCache",
     "PerSampleGradients",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import matplotlib
 import torch
 from matplotlib.figure import Figure
 
@@ -33,6 +34,16 @@ def _new_figure() -> tuple[Figure, object]:
     return fig, fig.add_subplot()
 
 
+def _style(i: int) -> dict[str, object]:
+    """Distinct colour / line style / marker for curve ``i``: tab10 colours, a new style every 10 curves."""
+    colors = matplotlib.colormaps["tab10"].colors
+    return {
+        "color": colors[i % 10],
+        "linestyle": ("-", "--", ":", "-.")[(i // 10) % 4],
+        "marker": ("o", "s", "^", "D")[(i // 10) % 4],
+    }
+
+
 def _legend(ax: object) -> None:
     """Legend to the right of the axes, so it never hides a curve."""
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -44,10 +55,11 @@ def agreement_figure(report: AttributionReport, adjust: str = "mean", method: st
     fig, ax = _new_figure()
     x = torch.tensor(gold.checkpoints, dtype=torch.float64).numpy()
     marker = "o" if len(x) <= 25 else None
-    for label in report.labels:
+    for i, label in enumerate(report.labels):
         curve = report.agreement(label, adjust, method)
         mean, sem = curve.mean.numpy(), torch.nan_to_num(curve.sem).numpy()
-        (line,) = ax.plot(x, mean, marker=marker, markersize=3.5, label=label)
+        style = _style(i) if marker else {**_style(i), "marker": None}
+        (line,) = ax.plot(x, mean, markersize=3.5, label=label, **style)
         ax.fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.15, linewidth=0)
     ceiling = report.noise_ceiling(adjust, method)
     if ceiling is not None:
@@ -80,7 +92,7 @@ def seed_averaging_figure(report: AttributionReport, adjust: str = "mean", metho
         means = [p[1] for p in peaks]
         sems = [0.0 if p[2] != p[2] else p[2] for p in peaks]
         dodge = 2 ** (0.04 * (i - (n - 1) / 2))  # side by side on the log axis, so bars do not overlap
-        ax.errorbar([k * dodge for k in ks], means, yerr=sems, marker="o", markersize=4, capsize=3, label=label)
+        ax.errorbar([k * dodge for k in ks], means, yerr=sems, markersize=4, capsize=3, label=label, **_style(i))
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("seeds averaged per gold standard (k)")
@@ -98,12 +110,12 @@ def seed_averaging_figure(report: AttributionReport, adjust: str = "mean", metho
 def sorted_scores_figure(report: AttributionReport) -> Figure:
     """Each estimator's per-training-instance total score (summed over tests), sorted and scaled."""
     fig, ax = _new_figure()
-    for label in report.labels:
+    for i, label in enumerate(report.labels):
         total = report.scores[label].to(torch.float64).sum(0)
         scale = total.abs().max()
         values = (total / scale if scale > 0 else total).sort(descending=True).values
         rank = (torch.arange(values.numel(), dtype=torch.float64) + 0.5) / values.numel()
-        ax.plot(rank.numpy(), values.numpy(), label=label)
+        ax.plot(rank.numpy(), values.numpy(), label=label, **{**_style(i), "marker": None})
     ax.axhline(0.0, color="0.6", linewidth=0.8)
     ax.set_xlabel("training instances ranked by total score (fraction: most helpful → most harmful)")
     ax.set_ylabel("total score over test instances / max |total|")
