@@ -40,7 +40,8 @@ class CurvatureOperator:
             (``None``: all).
         hessian: ``"gauss_newton"`` (default; positive semi-definite) or ``"true"``.
         damping: ``λ ≥ 0`` added to the diagonal.
-        batch_size: examples per forward pass (the average is exact, whatever the batch size).
+        batch_size: examples per forward pass (the average is exact, whatever the batch size). The
+            collated batches are loaded once, on the model's device, and kept for later products.
 
     Attributes:
         n: number of examples averaged over; ``num_params``: ``P``.

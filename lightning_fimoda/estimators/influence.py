@@ -311,12 +311,16 @@ class LissaInfluence(InfluenceFunction):
         batch_size: examples per sampled mini-batch ``B`` (drawn without replacement, seeded).
         scale: a positive number, or ``"auto"``: the smallest value of ``scale_ladder`` (skipping
             values below ``λ/2``, which cannot converge for a positive semi-definite ``H``) for which
-            the recursion does not diverge on probe vectors (two training gradients and one Gaussian).
+            the recursion does not diverge, first on probe vectors at fit (two training gradients and
+            one Gaussian, one repeat), then on the actual right-hand sides (a solve that diverges
+            moves on to the next value of the ladder).
         seed: seed of the mini-batch sampling and the probes.
 
-    Divergence: a row is diverging when its iterate is not finite or ``‖h_t‖ > 10 (t + 1) ‖v‖``
-    (a convergent recursion keeps ``‖h_t‖ ≤ (t + 1) ‖v‖``); it raises :class:`SolverDivergenceError`.
-    ``info`` reports ``lissa_scale``, the scales tried, and the full-data relative residual.
+    Divergence: a row is diverging when its iterate is not finite or ``‖h_t‖ > 2 min(t + 1, scale/λ) ‖v‖``
+    (when every step contracts, ``‖h_t‖ ≤ min(t + 1, scale/λ) ‖v‖``); it raises
+    :class:`SolverDivergenceError`. ``info`` reports ``lissa_scale``, the scales tried, and the
+    full-data relative residual ``‖(H + λI) x − v‖ / ‖v‖``; above 1 (worse than ``x = 0``: too little
+    depth, or mini-batch noise) it also warns.
     """
 
     def __init__(
@@ -362,8 +366,7 @@ class LissaInfluence(InfluenceFunction):
         self.info["lissa_scale"] = self.scale_
 
     def _auto_scale(self) -> float:
-        ladder = sorted(float(s) for s in self.scale_ladder if s > 0)
-        ladder = [s for s in ladder if s >= self.operator_.damping / 2]
+        ladder = self._ladder()
         if not ladder:
             raise ValueError(f"{self.label}: scale_ladder has no value >= damping / 2.")
         gen = torch.Generator().manual_seed(self.seed)
@@ -387,6 +390,10 @@ class LissaInfluence(InfluenceFunction):
             "damping, hessian='gauss_newton', or a larger batch_size."
         )
 
+    def _ladder(self) -> list[float]:
+        ladder = sorted(float(s) for s in self.scale_ladder if s > 0)
+        return [s for s in ladder if s >= self.operator_.damping / 2]
+
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
@@ -396,12 +403,13 @@ class LissaInfluence(InfluenceFunction):
         b = min(int(self.batch_size), op.n)
         full = op if b == op.n else None
         v_norm = v.norm(dim=1)
+        ceiling = scale / op.damping if op.damping > 0 else math.inf
         h = v.clone()
         for t in range(int(self.depth)):
-            batch_op = full or op.subset(torch.randperm(op.n, generator=gen)[:b])
+            batch_op = full if full is not None else op.subset(torch.randperm(op.n, generator=gen)[:b])
             h = v + h - batch_op.apply(h) / scale
             h_norm = h.norm(dim=1)
-            bad = ~torch.isfinite(h_norm) | (h_norm > 10.0 * (t + 2) * v_norm)
+            bad = ~torch.isfinite(h_norm) | (h_norm > 2.0 * min(t + 2, ceiling) * v_norm)
             if bad.any():
                 raise SolverDivergenceError(
                     f"{self.label}: LiSSA diverged at step {t + 1} of repeat {repeat_index + 1} with "
@@ -411,13 +419,33 @@ class LissaInfluence(InfluenceFunction):
         return h / scale
 
     def _solve_rows(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        while True:
+            try:
+                x = self._repeats(rhs, self.scale_)
+                break
+            except SolverDivergenceError:
+                larger = [s for s in self._ladder() if s > self.scale_]
+                if self.scale != "auto" or not larger:
+                    raise
+                self.scale_ = larger[0]  # auto: the probes passed but these batches diverge
+                self.info["lissa_scales_tried"].append(self.scale_)
+                self.info["lissa_scale"] = self.scale_
+        relative = _relative_residuals(self.operator_, x, rhs).max().item()
+        if relative > 1.0:
+            warnings.warn(
+                f"{self.label}: the LiSSA result is far from (H + λI)^{{-1}} v (max relative residual "
+                f"{relative:.3g} > 1); increase depth, repeat or batch_size.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return x, {"scale": self.scale_, "max_relative_residual": relative}
+
+    def _repeats(self, rhs: Tensor, scale: float) -> Tensor:
         gen = self._generator()
         total = torch.zeros_like(rhs)
         for k in range(int(self.repeat)):
-            total += self._recursion(rhs, self.scale_, gen, k)
-        x = total / int(self.repeat)
-        relative = _relative_residuals(self.operator_, x, rhs)
-        return x, {"scale": self.scale_, "max_relative_residual": relative.max().item()}
+            total += self._recursion(rhs, scale, gen, k)
+        return total / int(self.repeat)
 
 
 @register_estimator("arnoldi")

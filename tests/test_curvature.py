@@ -1,0 +1,156 @@
+"""Curvature operators against dense oracles built here with torch.func on tiny float64 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+from torch.utils.data import TensorDataset
+
+from lightning_fimoda import AttributionTask, FunctionalTask, SupervisedTask
+from lightning_fimoda.curvature import CurvatureOperator
+
+from .conftest import make_mlp, make_regression
+
+
+def flat_model(model: nn.Module):
+    """``(theta0 [P], call(theta, x) -> outputs)`` for a model, independent of the package."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def call(theta: Tensor, x: Tensor) -> Tensor:
+        out, start = {}, 0
+        for name, shape in zip(names, shapes):
+            out[name] = theta[start : start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        return functional_call(model, out, (x,))
+
+    return theta0, call
+
+
+def dense_true_hessian(model: nn.Module, data: TensorDataset, loss) -> Tensor:
+    theta0, call = flat_model(model)
+    x, y = data.tensors
+    return hessian(lambda th: loss(call(th, x), y).mean())(theta0)
+
+
+def dense_gauss_newton(model: nn.Module, data: TensorDataset, out_hessian) -> Tensor:
+    """``(1/n) Σ_i J_iᵀ H_o,i J_i`` with per-example Jacobians ``J_i`` ``[O, P]``."""
+    theta0, call = flat_model(model)
+    x, y = data.tensors
+    jac = jacrev(lambda th: call(th, x))(theta0)  # [n, O, P]
+    h_o = out_hessian(call(theta0, x).detach(), y)  # [n, O, O]
+    return torch.einsum("nop,noq,nqr->pr", jac, h_o, jac) / x.shape[0]
+
+
+def mse(out: Tensor, y: Tensor) -> Tensor:
+    return (out - y.reshape(out.shape)).pow(2).sum(dim=1)
+
+
+def ce(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def classification(n: int = 20, d_in: int = 4, classes: int = 3, seed: int = 3) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    return TensorDataset(x, torch.randint(0, classes, (n,), generator=g))
+
+
+class LogCoshTask(AttributionTask):
+    """A task without ``output_hessian``: the operator must fall back to torch.func.hessian."""
+
+    def outputs(self, model, batch):
+        return model(batch[0])
+
+    def loss_from_outputs(self, outputs, batch):
+        return torch.log(torch.cosh(outputs - batch[1].reshape(outputs.shape))).sum(dim=1)
+
+
+def operator(model, task, data, **kwargs) -> CurvatureOperator:
+    return CurvatureOperator(FunctionalTask(model, task), data, **kwargs)
+
+
+@pytest.mark.parametrize("batch_size", [7, 100])
+def test_true_hvp_matches_dense_hessian(batch_size):
+    model, data = make_mlp(), make_regression(24)
+    dense = dense_true_hessian(model, data, mse)
+    op = operator(model, SupervisedTask("mse"), data, hessian="true", batch_size=batch_size)
+    v = torch.randn(5, op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(op.apply(v), v @ dense.T, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(op.apply(v[0]), dense @ v[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch_size", [5, 100])
+def test_gnvp_matches_explicit_jt_h_j_for_mse(batch_size):
+    model, data = make_mlp(d_out=2), make_regression(16)
+    data = TensorDataset(data.tensors[0], torch.stack([data.tensors[1], -data.tensors[1]], dim=1))
+    dense = dense_gauss_newton(model, data, lambda o, y: 2 * torch.eye(2, dtype=o.dtype).expand(len(o), 2, 2))
+    op = operator(model, SupervisedTask("mse"), data, batch_size=batch_size, damping=0.3)
+    eye = torch.eye(op.num_params, dtype=torch.float64)
+    torch.testing.assert_close(op.dense(chunk=11), dense + 0.3 * eye, rtol=1e-9, atol=1e-10)
+
+
+def test_gnvp_matches_explicit_jt_h_j_for_cross_entropy():
+    model, data = make_mlp(d_out=3), classification()
+
+    def softmax_hessian(o, y):
+        p = o.softmax(dim=1)
+        return torch.diag_embed(p) - torch.einsum("ni,nj->nij", p, p)
+
+    dense = dense_gauss_newton(model, data, softmax_hessian)
+    op = operator(model, SupervisedTask("cross_entropy"), data, batch_size=6)
+    torch.testing.assert_close(op.dense(), dense, rtol=1e-9, atol=1e-10)
+    # the true Hessian of cross-entropy differs from its Gauss-Newton part off a minimum
+    true = operator(model, SupervisedTask("cross_entropy"), data, hessian="true").dense()
+    torch.testing.assert_close(true, dense_true_hessian(model, data, ce), rtol=1e-9, atol=1e-10)
+    assert (true - dense).abs().max() > 1e-3
+
+
+def test_gnvp_falls_back_to_autodiff_output_hessian():
+    model, data = make_mlp(), make_regression(12)
+    assert not hasattr(LogCoshTask(), "output_hessian")
+
+    def logcosh_hessian(o, y):
+        return torch.diag_embed(1 - torch.tanh(o - y.reshape(o.shape)).pow(2))
+
+    dense = dense_gauss_newton(model, data, logcosh_hessian)
+    torch.testing.assert_close(operator(model, LogCoshTask(), data, batch_size=5).dense(), dense)
+
+
+def test_gauss_newton_equals_true_hessian_for_a_linear_model():
+    torch.manual_seed(0)
+    model, data = nn.Linear(4, 1).double(), make_regression(20)
+    gn = operator(model, SupervisedTask("mse"), data).dense()
+    true = operator(model, SupervisedTask("mse"), data, hessian="true").dense()
+    torch.testing.assert_close(gn, true)
+
+
+def test_risk_gradient_and_subset():
+    model, data = make_mlp(), make_regression(18)
+    theta0, call = flat_model(model)
+    x, y = data.tensors
+    expected = torch.func.grad(lambda th: mse(call(th, x), y).mean())(theta0)
+    op = operator(model, SupervisedTask("mse"), data, batch_size=4, hessian="true")
+    torch.testing.assert_close(op.risk_gradient(), expected)
+    sub = op.subset(torch.tensor([2, 5, 11]))
+    assert sub.n == 3
+    small = TensorDataset(x[[2, 5, 11]], y[[2, 5, 11]])
+    torch.testing.assert_close(sub.dense(), dense_true_hessian(model, small, mse))
+    torch.testing.assert_close(op.with_damping(2.0).dense() - op.dense(), 2.0 * torch.eye(op.num_params, dtype=torch.float64))
+
+
+def test_operator_restores_training_mode_and_rejects_bad_input():
+    model, data = make_mlp(), make_regression(8)
+    model.train()
+    op = operator(model, SupervisedTask("mse"), data)
+    op.apply(torch.zeros(op.num_params, dtype=torch.float64))
+    assert model.training
+    with pytest.raises(ValueError, match=r"\[P\] or \[k, P\]"):
+        op.apply(torch.zeros(3, op.num_params + 1))
+    with pytest.raises(ValueError, match="hessian must be one of"):
+        operator(model, SupervisedTask("mse"), data, hessian="fisher")
+    with pytest.raises(ValueError, match="damping"):
+        operator(model, SupervisedTask("mse"), data, damping=-1.0)
