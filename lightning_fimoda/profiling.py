@@ -4,8 +4,10 @@ Peak memory is the largest amount *above the level at the estimator's start*:
 
 - on CUDA, ``torch.cuda.max_memory_allocated`` (tensors only, exact);
 - on CPU, the process's resident set size (RSS) sampled every ``interval`` seconds by a thread
-  (``psutil``), so short spikes can be missed and memory the allocator keeps from an earlier
-  estimator is not counted again.
+  (``psutil``), so short spikes can be missed. Before the baseline is read, garbage from earlier work
+  is collected (``gc.collect``) and, on glibc, freed heap pages are returned to the system
+  (``malloc_trim``): otherwise a collection during the block would lower the RSS below the baseline,
+  and memory the allocator kept from an earlier estimator would be reused without being counted.
 
 Each estimator is fitted on its own fresh gradient cache by default, so its time and memory include
 computing the per-sample gradients it needs (a fair cost comparison). ``share_gradients=True`` reuses
@@ -15,6 +17,9 @@ estimator pays for every later one's gradients.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
 import time
 from collections.abc import Sequence
@@ -52,6 +57,8 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            gc.collect()
+            _return_free_heap()
             self._process = psutil.Process()
             self._start = self._process.memory_info().rss
             self._max = self._start
@@ -73,6 +80,15 @@ class PeakMemory:
             self._thread.join()
             peak = max(self._max, self._process.memory_info().rss)
         self.peak_bytes = max(0, int(peak - self._start))
+
+
+def _return_free_heap() -> None:
+    """Ask glibc to give freed heap pages back to the system (no-op with other C libraries)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def memory_kind(device: torch.device) -> str:

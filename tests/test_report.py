@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -173,3 +174,15 @@ def test_peak_memory_sees_a_large_cpu_allocation():
     del block
     assert meter.peak_bytes >= 30 * 2**20
     assert "resident set size" in meter.kind
+
+
+def test_peak_memory_is_not_hidden_by_garbage_collected_during_the_block():
+    cycle: list = [torch.ones(80 * 2**20 // 4)]  # 80 MiB held only by a reference cycle
+    cycle.append(cycle)
+    del cycle
+    with PeakMemory("cpu") as meter:
+        gc.collect()  # a collection inside the block must not offset what the block allocates
+        block = torch.ones(40 * 2**20 // 4)
+        block += 1
+    del block
+    assert meter.peak_bytes >= 30 * 2**20
