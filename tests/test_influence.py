@@ -217,6 +217,24 @@ def test_lissa_on_sampled_mini_batches_approximates_the_full_data_solve(setup):
     torch.testing.assert_close(scores, again, rtol=0, atol=0)  # seeded
 
 
+def test_lissa_auto_scale_rejects_bounded_but_noise_dominated_scales(setup):
+    """Tiny mini-batches: at scale 10 the recursion stays bounded (no divergence) but oscillates, and
+    its result is worse than x = 0 on the full data. ``auto`` must move past it to a scale that solves."""
+    model, train, test = setup
+    oracle = dense_scores(model, train, test, "gauss_newton", 0.2)
+    lissa = {"damping": 0.2, "batch_size": 3, "depth": 300}
+    with pytest.warns(RuntimeWarning, match="far from"):
+        noisy, settings = scores_of("lissa", model, train, test, scale=10.0, **lissa)
+    assert settings["solver"]["max_relative_residual"] > 1.0
+    assert row_cosine(noisy, oracle).min() < 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores, settings = scores_of("lissa", model, train, test, scale="auto", **lissa)
+    assert settings["lissa_scale"] > 10.0 and 10.0 in settings["lissa_scales_tried"]
+    assert settings["solver"]["max_relative_residual"] <= 1.0
+    assert (row_cosine(scores, oracle) > 0.95).all()
+
+
 def test_arnoldi_finds_the_top_eigenvalues(setup):
     model, train, test = setup
     dense = dense_curvature(model, train, "gauss_newton")
