@@ -10,7 +10,9 @@ The sequential baselines work one example at a time, as older influence-function
 per-example autograd gradients (train gradients computed once and kept — generous to the baseline),
 then one solve per test instance with one autograd Hessian-vector product per call (double backward
 for the true Hessian; the ``R``-op trick of two extra backward passes for Gauss-Newton), same
-tolerance / depth / scale / damping as the batched estimator it is compared with. Sequential LiSSA
+tolerance / depth / scale / damping as the batched estimator it is compared with. Sequential DataInf
+loops over training examples per test instance (as DataInf's reference code does); sequential Arnoldi
+runs the same Lanczos iteration with autograd products and one vector at a time. Sequential LiSSA
 is timed on the first ``--sequential-tests`` test instances and scaled linearly to all of them
 (every test instance costs the same: ``depth`` products); the table says so.
 
@@ -32,7 +34,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from lightning_fimoda import SupervisedTask, available_estimators, build_estimator
-from lightning_fimoda.profiling import PeakMemory, memory_kind, profile_estimators
+from lightning_fimoda.attribute import run_estimators
+from lightning_fimoda.profiling import PeakMemory, memory_kind
 
 SETTINGS: dict[str, dict] = {  # per-name settings; unnamed estimators run with their defaults
     "lissa": {"depth": 1000, "batch_size": 128},
@@ -132,6 +135,50 @@ class Sequential:
             h = v + h - (matvec(h, idx) + lam * h) / scale
         return h / scale
 
+    def layer_slices(self) -> list[slice]:
+        """Column range of each module's parameters (weight + bias), as DataInf's layers."""
+        owners = [name.rsplit(".", 1)[0] for name, _ in self.model.named_parameters()]
+        out, start = [], 0
+        for i, p in enumerate(self.params):
+            if i > 0 and owners[i] == owners[i - 1]:
+                out[-1] = slice(out[-1].start, start + p.numel())
+            else:
+                out.append(slice(start, start + p.numel()))
+            start += p.numel()
+        return out
+
+    def datainf(self, g_x: Tensor, g_train: Tensor, c: float) -> Tensor:
+        """DataInf's ``v_x = Σ_l (1/λ_l)[g_xl − (1/n) Σ_i (g_xl·g_il) g_il / (λ_l + ‖g_il‖²)]``, one
+        training example at a time (the reference implementation's loop)."""
+        n = len(g_train)
+        v = torch.empty_like(g_x)
+        for sl in self.layer_slices():
+            lam = c * g_train[:, sl].pow(2).mean().item()
+            acc = torch.zeros_like(g_x[sl])
+            for g_i in g_train[:, sl]:
+                acc += (g_x[sl] @ g_i) / (lam + g_i @ g_i) * g_i
+            v[sl] = (g_x[sl] - acc / n) / lam
+        return v
+
+    def lanczos(self, matvec: Callable[[Tensor], Tensor], steps: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Ritz pairs of ``H`` after ``steps`` Lanczos steps, one Hessian-vector product per step."""
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(sum(p.numel() for p in self.params), generator=gen)
+        q = q / q.norm()
+        basis, alphas, betas = [], [], []
+        for _ in range(steps):
+            basis.append(q)
+            w = matvec(q)
+            alphas.append(q @ w)
+            for b in basis:  # full re-orthogonalisation, one vector at a time
+                w = w - (b @ w) * b
+            betas.append(w.norm())
+            q = w / betas[-1]
+        tri = torch.diag(torch.stack(alphas)) + torch.diag(torch.stack(betas[:-1]), 1) + torch.diag(
+            torch.stack(betas[:-1]), -1)
+        evals, s = torch.linalg.eigh(tri)
+        return evals, s.T @ torch.stack(basis)
+
 
 def timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float, int]:
     with PeakMemory("cpu") as meter:
@@ -168,6 +215,35 @@ def sequential_rows(seq: Sequential, fitted: dict[str, Row], args) -> dict[str, 
 
         scores, s, m = timed(solve)
         rows[label] = Row(f"sequential {label} (per-test CG, autograd products)", s, m, scores=scores)
+
+    if "datainf" in fitted and fitted["datainf"].settings is not None:
+        c = fitted["datainf"].settings["damping_scale"]
+
+        def datainf() -> Tensor:
+            g_train = seq.grads(seq.train)
+            return torch.stack([seq.datainf(g, g_train, c) for g in seq.grads(seq.test)]) @ g_train.T
+
+        scores, s, m = timed(datainf)
+        rows["datainf"] = Row("sequential datainf (loop over training examples)", s, m, scores=scores)
+
+    if "arnoldi" in fitted and fitted["arnoldi"].settings is not None:
+        st = fitted["arnoldi"].settings
+        lam, rank = st["damping"], st["rank"]
+        steps = st["iterations"] or 2 * rank + 20
+
+        def arnoldi() -> Tensor:
+            g_train = seq.grads(seq.train)
+            evals, vecs = seq.lanczos(seq.gnvp, steps, st["seed"])
+            keep = evals.abs().argsort(descending=True)[:rank]
+            evals, vecs = evals[keep], vecs[keep]
+            out = []
+            for g in seq.grads(seq.test):
+                coeff = vecs @ g
+                out.append((coeff / (evals + lam)) @ vecs + (g - coeff @ vecs) / lam)
+            return torch.stack(out) @ g_train.T / n
+
+        scores, s, m = timed(arnoldi)
+        rows["arnoldi"] = Row("sequential arnoldi (Lanczos, autograd products)", s, m, scores=scores)
 
     for label in ("lissa", "lissa (hessian='true')"):
         if label not in fitted or fitted[label].settings is None:
@@ -217,7 +293,7 @@ def main() -> None:
     for label, name, settings in plan:
         try:
             est = build_estimator(name, label=label, **settings)
-            (run,) = profile_estimators(model, task, train, test, [est])
+            (run,) = run_estimators(model, task, train, test, [est], share_gradients=False, measure_memory=True)
             fitted[label] = Row(label, run.seconds, run.peak_memory, scores=run.scores, settings=run.settings)
         except Exception as err:  # noqa: BLE001 - reported in the table
             fitted[label] = Row(label, None, None, note=f"{type(err).__name__}: {str(err)[:120]}")

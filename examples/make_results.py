@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from lightning_fimoda import AttributionReport
-from lightning_fimoda.callback import build_estimator_list
+from lightning_fimoda.attribute import build_estimators
 from lightning_fimoda.cli import FiMODACLI, fimoda_callback
 from lightning_fimoda.plotting import agreement_figure, seed_averaging_figure
 from lightning_fimoda.report import library_versions
@@ -108,7 +108,7 @@ def run_experiment(config: dict[str, Any], run_dir: Path) -> dict[str, float]:
     callback = fimoda_callback(cli)
     # jsonargparse turns the string "true" of {name: lissa, hessian: "true"} into a boolean while parsing
     # the callback's estimator list; build the estimators from the YAML as written.
-    callback.estimators = build_estimator_list(config["fimoda"]["estimators"])
+    callback.estimators = build_estimators(config["fimoda"]["estimators"])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     total = time.perf_counter() - start
     report = callback.report

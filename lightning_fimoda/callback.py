@@ -57,44 +57,16 @@ from torch.utils.data import DataLoader
 
 from ._data import dataset_length, model_device_dtype, resolve_indices
 from ._tb import log_report
+from .attribute import build_estimators, run_estimators
 from .estimators.base import Estimator
 from .gold_standard import GoldStandard
 from .gradients import DEFAULT_MEMORY_BUDGET
-from .profiling import memory_kind, profile_estimators
-from .registry import build_estimator
+from .profiling import memory_kind
 from .report import AttributionReport, library_versions
 from .task import AttributionTask, resolve_task
 
 __all__ = ["FiMODACallback", "preserved_state"]
 
-EstimatorConfig = str | dict[str, Any] | Estimator
-
-
-def build_estimator_list(estimators: EstimatorConfig | Sequence[EstimatorConfig]) -> list[Estimator]:
-    """Names, built estimators and ``{"name": ..., **kwargs}`` dicts → estimators (unique labels)."""
-    if isinstance(estimators, (str, Mapping, Estimator)):
-        estimators = [estimators]
-    built = []
-    for spec in estimators:
-        if isinstance(spec, Mapping):
-            kwargs = dict(spec)
-            name = kwargs.pop("name", None)
-            if not isinstance(name, str):
-                raise ValueError(f"An estimator given as a mapping needs a 'name' key, got {dict(spec)}.")
-            built.append(build_estimator(name, **kwargs))
-        elif isinstance(spec, str):
-            built.append(build_estimator(spec))
-        elif isinstance(spec, Estimator):
-            built.append(spec)
-        else:
-            raise TypeError(f"Estimators are names, {{'name': ...}} mappings or Estimators; got {type(spec).__name__}.")
-    if not built:
-        raise ValueError("FiMODACallback needs at least one estimator.")
-    labels = [e.label for e in built]
-    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
-    if dupes:
-        raise ValueError(f"Duplicate estimator labels {dupes}: give each a distinct label.")
-    return built
 
 
 @contextlib.contextmanager
@@ -219,7 +191,7 @@ class FiMODACallback(Callback):
         progress: bool = False,
     ) -> None:
         super().__init__()
-        self.estimators = build_estimator_list(estimators)
+        self.estimators = build_estimators(estimators)
         if gold is not None and not isinstance(gold, Mapping) and not callable(getattr(gold, "run", None)):
             raise TypeError(f"gold must be None, a FurtherTrainingLoop or a dict of its arguments, got {gold!r}.")
         if isinstance(gold, Mapping) and "task" in gold:
@@ -286,10 +258,10 @@ class FiMODACallback(Callback):
                     raise TypeError(f"The gold standard's run() returned {type(gold).__name__}, not a GoldStandard.")
             report = None
             if is_zero:
-                runs = profile_estimators(
+                runs = run_estimators(
                     module, task, train_ds, test_ds, self.estimators, train_idx, test_idx,
-                    share_gradients=self.share_gradients, memory_budget=self.memory_budget,
-                    progress=self.progress,
+                    share_gradients=self.share_gradients, measure_memory=True,
+                    memory_budget=self.memory_budget, progress=self.progress,
                 )
                 report = self._make_report(module, task, trainer, train_ds, test_ds, train_idx, test_idx, runs,
                                            gold, gold_seconds, device)

@@ -1,6 +1,6 @@
-"""Timing and peak memory of each estimator, for the report's cost columns.
+"""Peak memory of a block of work, for the report's and benchmarks' cost columns.
 
-Peak memory is the largest amount *above the level at the estimator's start*:
+Peak memory is the largest amount *above the level at the block's start*:
 
 - on CUDA, ``torch.cuda.max_memory_allocated`` (tensors only, exact);
 - on CPU, the process's resident set size (RSS) sampled every ``interval`` seconds by a thread
@@ -9,10 +9,7 @@ Peak memory is the largest amount *above the level at the estimator's start*:
   (``malloc_trim``): otherwise a collection during the block would lower the RSS below the baseline,
   and memory the allocator kept from an earlier estimator would be reused without being counted.
 
-Each estimator is fitted on its own fresh gradient cache by default, so its time and memory include
-computing the per-sample gradients it needs (a fair cost comparison). ``share_gradients=True`` reuses
-one cache, as :func:`~lightning_fimoda.attribute.run_estimators` does: faster, but then the first
-estimator pays for every later one's gradients.
+:func:`~lightning_fimoda.attribute.run_estimators` uses it per estimator (``measure_memory=True``).
 """
 
 from __future__ import annotations
@@ -21,22 +18,11 @@ import ctypes
 import ctypes.util
 import gc
 import threading
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import psutil
 import torch
-from torch import Tensor, nn
 
-from ._data import model_device_dtype, resolve_indices
-from .attribute import EstimatorRun, EstimatorSpec, build_estimators
-from .functional import eval_mode
-from .gradients import DEFAULT_MEMORY_BUDGET, GradientCache
-from .task import AttributionTask
-
-__all__ = ["PeakMemory", "ProfiledRun", "profile_estimators"]
+__all__ = ["PeakMemory", "memory_kind"]
 
 
 class PeakMemory:
@@ -96,43 +82,3 @@ def memory_kind(device: torch.device) -> str:
     if device.type == "cuda":
         return "CUDA max_memory_allocated above the level at the estimator's start"
     return "CPU peak resident set size (psutil, sampled every 2 ms) above the level at the estimator's start"
-
-
-@dataclass
-class ProfiledRun(EstimatorRun):
-    """An :class:`EstimatorRun` with the peak memory it needed (bytes; see :class:`PeakMemory`)."""
-
-    peak_memory: int = 0
-
-
-def profile_estimators(
-    model: nn.Module,
-    task: AttributionTask,
-    train_dataset: Any,
-    test_dataset: Any,
-    estimators: EstimatorSpec | Sequence[EstimatorSpec],
-    train_indices: Sequence[int] | Tensor | None = None,
-    test_indices: Sequence[int] | Tensor | None = None,
-    *,
-    share_gradients: bool = False,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    progress: bool = False,
-) -> list[ProfiledRun]:
-    """Fit and score each estimator in eval mode, recording wall time and peak memory per estimator."""
-    built = build_estimators(estimators)
-    train_idx = resolve_indices(train_dataset, train_indices, "training")
-    test_idx = resolve_indices(test_dataset, test_indices, "test")
-    device, _ = model_device_dtype(model)
-    shared = GradientCache(memory_budget=memory_budget, progress=progress) if share_gradients else None
-    runs = []
-    with eval_mode(model):
-        for est in built:
-            cache = shared if shared is not None else GradientCache(memory_budget=memory_budget, progress=progress)
-            with PeakMemory(device) as meter:
-                start = time.perf_counter()
-                est.fit(model, task, train_dataset, train_idx, cache=cache)
-                scores = est.score(test_dataset, test_idx)
-                seconds = time.perf_counter() - start
-            runs.append(ProfiledRun(est.label, scores, seconds, est.settings(), meter.peak_bytes))
-            del cache
-    return runs

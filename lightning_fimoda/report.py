@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ._files import atomic_write
 from .gold_standard import GoldStandard
 from .metrics import (
     METHODS,
@@ -77,16 +77,6 @@ def jsonable(value: Any) -> Any:
             pass
     return repr(value)
 
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _fmt(mean: float, sem: float) -> str:
@@ -385,14 +375,14 @@ class AttributionReport:
         tensors["test_indices"] = self.test_indices.contiguous()
         if self.mislabeled is not None:
             tensors["mislabeled"] = self.mislabeled.contiguous()
-        _atomic_write(directory / SCORES_FILE, lambda tmp: save_file(tensors, tmp))
+        atomic_write(directory / SCORES_FILE, lambda tmp: save_file(tensors, tmp))
         gold_path = directory / GOLD_FILE
         if self.gold is not None:
             self.gold.save(gold_path)
         elif gold_path.exists():
             gold_path.unlink()
         text = json.dumps(self._metadata(), indent=2, sort_keys=False)
-        _atomic_write(directory / META_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+        atomic_write(directory / META_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
         self.write_markdown(directory)
         return directory
 
@@ -400,7 +390,7 @@ class AttributionReport:
         """Write :meth:`to_markdown` to ``directory/report.md``."""
         path = Path(directory) / MARKDOWN_FILE
         text = self.to_markdown()
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
         return path
 
     @classmethod

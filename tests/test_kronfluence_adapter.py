@@ -236,7 +236,7 @@ def test_nothing_left_in_the_working_directory_and_temporary_files_removed(tmp_p
     monkeypatch.chdir(tmp_path)
     est = EKFAC(damping=0.01)
     est.fit(model, MSE, train).score(test)
-    workdir = est._workdir
+    workdir = est._workdir.path
     assert workdir.exists() and tmp_path not in workdir.parents
     attribute(model, MSE, train, test, ["kfac", "diagonal"])
     assert list(tmp_path.iterdir()) == []

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from lightning_fimoda import GoldStandard, SupervisedTask, attribute
+from lightning_fimoda.attribute import run_estimators
 from lightning_fimoda.cli import main as fimoda_main
 from lightning_fimoda.metrics import agreement, noise_ceiling, seed_averaging
 from lightning_fimoda.plotting import render_figures, save_figures
-from lightning_fimoda.profiling import PeakMemory, profile_estimators
+from lightning_fimoda.profiling import PeakMemory
 from lightning_fimoda.report import AttributionReport, jsonable
 
 from .conftest import make_mlp, make_regression
@@ -155,16 +156,18 @@ def test_jsonable():
 
 
 # -- profiling -----------------------------------------------------------------------------------------
-def test_profile_estimators_scores_equal_attribute_and_record_cost():
+def test_run_estimators_with_memory_scores_equal_attribute_and_record_cost():
     model, task = make_mlp(), SupervisedTask("mse")
     train, test = make_regression(12), make_regression(3, seed=5)
-    runs = profile_estimators(model, task, train, test, ["grad_dot", "grad_cos"], train_indices=[1, 4, 7, 9])
+    runs = run_estimators(model, task, train, test, ["grad_dot", "grad_cos"], train_indices=[1, 4, 7, 9],
+                          share_gradients=False, measure_memory=True)
     direct = attribute(model, task, train, test, ["grad_dot", "grad_cos"], train_indices=[1, 4, 7, 9])
     for run in runs:
         assert torch.allclose(run.scores, direct[run.label], rtol=1e-12, atol=0)
         assert run.seconds > 0 and run.peak_memory >= 0 and run.settings["estimator"] == run.label
-    shared = profile_estimators(model, task, train, test, ["grad_dot"], share_gradients=True)
-    assert shared[0].scores.shape == (3, 12)
+    shared = run_estimators(model, task, train, test, ["grad_dot"], measure_memory=True)
+    assert shared[0].scores.shape == (3, 12) and shared[0].peak_memory >= 0
+    assert run_estimators(model, task, train, test, ["grad_dot"])[0].peak_memory is None  # not measured
 
 
 def test_peak_memory_sees_a_large_cpu_allocation():

@@ -160,7 +160,7 @@ def test_nothing_left_in_the_working_directory_and_scores_survive_cleanup(tmp_pa
     est = TRAK(proj_dim=128)
     scores = est.fit(model, MSE, train).score(test)
     kept = scores.clone()
-    workdir = est._workdir
+    workdir = est._workdir.path
     assert workdir.exists() and tmp_path not in workdir.parents
     attribute(model, MSE, train, test, ["trak"])
     assert list(tmp_path.iterdir()) == []

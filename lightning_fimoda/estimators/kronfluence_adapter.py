@@ -44,9 +44,7 @@ import copy
 import gc
 import math
 import shutil
-import tempfile
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -56,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._data import model_device_dtype
+from .._files import WorkDir
 from .._quiet import library_output
 from ..functional import select_parameters
 from ..registry import register_estimator
@@ -247,8 +246,7 @@ class _Kronfluence(Estimator):
         self.batch_size = int(batch_size)
         self.output_dir = output_dir
         self.progress = progress
-        self._workdir: Path | None = None
-        self._cleanup: weakref.finalize | None = None
+        self._workdir = WorkDir()
         self._n_scores = 0
 
     # -- fitting ----------------------------------------------------------------------------------
@@ -256,7 +254,7 @@ class _Kronfluence(Estimator):
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments
 
-        self._release_workdir()
+        self._workdir.release()
         modules, ignored = kronfluence_tracked_modules(self.model_, self.params)
         if ignored:
             warnings.warn(
@@ -268,7 +266,7 @@ class _Kronfluence(Estimator):
         device, dtype = model_device_dtype(self.model_)
         self._dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._cuda = device.type == "cuda"
-        self._workdir = self._new_workdir()
+        workdir = self._workdir.new(self, self.name, self.output_dir)
         try:
             model_copy = copy.deepcopy(self.model_)
         except Exception as err:  # noqa: BLE001 - re-raised with context
@@ -286,7 +284,7 @@ class _Kronfluence(Estimator):
                 task=kf_task,
                 cpu=device.type == "cpu",
                 disable_tqdm=not self.progress,
-                output_dir=str(self._workdir),
+                output_dir=str(workdir),
                 disable_model_save=True,
             )
             dt = self._dtype
@@ -318,21 +316,6 @@ class _Kronfluence(Estimator):
 
         return DataLoaderKwargs(collate_fn=self.task_.collate)
 
-    def _new_workdir(self) -> Path:
-        if self.output_dir is not None:
-            base = Path(self.output_dir)
-            base.mkdir(parents=True, exist_ok=True)
-            return Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=base))
-        path = Path(tempfile.mkdtemp(prefix=f"fimoda-{self.name}-"))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, path, True)
-        return path
-
-    def _release_workdir(self) -> None:
-        if self._cleanup is not None:
-            self._cleanup()
-            self._cleanup = None
-        self._workdir = None
-
     def _damping_used(self) -> float | dict[str, float] | None:
         if self.strategy == "identity":
             return None
@@ -357,7 +340,7 @@ class _Kronfluence(Estimator):
     def _score(self, test_dataset: Any, test_indices: Tensor) -> Tensor:
         from kronfluence.arguments import ScoreArguments
 
-        if self._workdir is None or not self._workdir.exists():
+        if not self._workdir.exists():
             raise RuntimeError(f"{self.label}: kronfluence's factors are gone; fit the estimator again.")
         dt = self._dtype
         score_args = ScoreArguments(

@@ -48,9 +48,6 @@ import copy
 import functools
 import logging
 import math
-import shutil
-import tempfile
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +58,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._data import iter_batches, model_device_dtype
+from .._files import WorkDir
 from .._quiet import library_output
 from ..functional import FunctionalTask
 from ..registry import register_estimator
@@ -238,14 +236,14 @@ class TRAK(Estimator):
         self.half_precision = half_precision
         self.output_dir = output_dir
         self.progress = progress
-        self._cleanup: weakref.finalize | None = None
+        self._workdir = WorkDir()
         self._n_scores = 0
 
     # -- fitting ----------------------------------------------------------------------------------
     def _fit(self) -> None:
         from trak import TRAKer
 
-        self._release_workdir()
+        self._workdir.release()
         device, _ = model_device_dtype(self.model_)
         if self.half_precision and device.type == "cpu":
             raise ValueError("half_precision=True needs a GPU: traker cannot project float16 on CPU.")
@@ -262,13 +260,13 @@ class TRAK(Estimator):
         self._out = _ModelOutput(fn, kind)
         n, p = len(self.train_dataset_), fn.num_params
         proj, scale = self._make_projector(model, p)
-        self._workdir = self._new_workdir()
+        workdir = self._workdir.new(self, "trak", self.output_dir)
         with library_output("trak"), _traker_progress(self.progress):
             self._traker = TRAKer(
                 model=model,
                 task=self._out,
                 train_set_size=n,
-                save_dir=str(self._workdir),
+                save_dir=str(workdir),
                 load_from_save_dir=True,  # the directory is new and empty: nothing to reuse
                 device=self._device_str,
                 projector=proj,
@@ -371,20 +369,6 @@ class TRAK(Estimator):
         trace = float(grads.pow(2).sum())  # Σ‖φ_i‖², ≈ (s/p) Σ‖∇F_i‖²
         lam = DEFAULT_DAMPING_SCALE * h * trace / (n * s)  # 0.1 × trace(H_T) / p
         return s * n * lam / (h * p), lam
-
-    def _new_workdir(self) -> Path:
-        if self.output_dir is not None:
-            base = Path(self.output_dir)
-            base.mkdir(parents=True, exist_ok=True)
-            return Path(tempfile.mkdtemp(prefix="trak-", dir=base))
-        path = Path(tempfile.mkdtemp(prefix="fimoda-trak-"))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, path, True)
-        return path
-
-    def _release_workdir(self) -> None:
-        if self._cleanup is not None:
-            self._cleanup()
-            self._cleanup = None
 
     # -- scoring ----------------------------------------------------------------------------------
     def _score(self, test_dataset: Any, test_indices: Tensor) -> Tensor:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .._files import atomic_write
 
 __all__ = ["RunStore"]
 
@@ -49,7 +50,7 @@ class RunStore:
             return
         if write:
             self.units.mkdir(parents=True, exist_ok=True)
-            _atomic_write(
+            atomic_write(
                 path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1, sort_keys=True))
             )
 
@@ -67,7 +68,7 @@ class RunStore:
         if full is not None:
             tensors["full"] = full.contiguous().cpu()
         self.units.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.unit_path(seed, chunk), lambda tmp: save_file(tensors, tmp))
+        atomic_write(self.unit_path(seed, chunk), lambda tmp: save_file(tensors, tmp))
         with open(self.root / "computed.log", "a") as fh:
             fh.write(f"seed={seed} chunk={chunk} seconds={seconds:.3f} rank={rank}\n")
 
@@ -80,13 +81,3 @@ class RunStore:
         path = self.root / "computed.log"
         return path.read_text().splitlines() if path.exists() else []
 
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
