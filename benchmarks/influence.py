@@ -170,8 +170,9 @@ class Sequential:
             basis.append(q)
             w = matvec(q)
             alphas.append(q @ w)
-            for b in basis:  # full re-orthogonalisation, one vector at a time
-                w = w - (b @ w) * b
+            for _pass in range(2):  # full re-orthogonalisation, twice, one vector at a time
+                for b in basis:
+                    w = w - (b @ w) * b
             betas.append(w.norm())
             q = w / betas[-1]
         tri = torch.diag(torch.stack(alphas)) + torch.diag(torch.stack(betas[:-1]), 1) + torch.diag(

@@ -9,7 +9,7 @@ from torch.func import functional_call, hessian, jacrev
 from torch.utils.data import TensorDataset
 
 from lightning_fimoda import AttributionTask, FunctionalTask, SupervisedTask
-from lightning_fimoda.curvature import CurvatureOperator
+from lightning_fimoda.curvature import DEFAULT_JACOBIAN_BUDGET, CurvatureOperator
 
 from .conftest import make_mlp, make_regression
 
@@ -83,17 +83,24 @@ def test_true_hvp_matches_dense_hessian(batch_size):
     torch.testing.assert_close(op.apply(v[0]), dense @ v[0], rtol=1e-9, atol=1e-10)
 
 
+BUDGETS = {"matrix-free": 0, "cached jacobians": DEFAULT_JACOBIAN_BUDGET}
+
+
+@pytest.mark.parametrize("products", list(BUDGETS))
 @pytest.mark.parametrize("batch_size", [5, 100])
-def test_gnvp_matches_explicit_jt_h_j_for_mse(batch_size):
+def test_gnvp_matches_explicit_jt_h_j_for_mse(batch_size, products):
     model, data = make_mlp(d_out=2), make_regression(16)
     data = TensorDataset(data.tensors[0], torch.stack([data.tensors[1], -data.tensors[1]], dim=1))
     dense = dense_gauss_newton(model, data, lambda o, y: 2 * torch.eye(2, dtype=o.dtype).expand(len(o), 2, 2))
-    op = operator(model, SupervisedTask("mse"), data, batch_size=batch_size, damping=0.3)
+    op = operator(model, SupervisedTask("mse"), data, batch_size=batch_size, damping=0.3,
+                  jacobian_budget=BUDGETS[products])
+    assert op.products == products
     eye = torch.eye(op.num_params, dtype=torch.float64)
     torch.testing.assert_close(op.dense(chunk=11), dense + 0.3 * eye, rtol=1e-9, atol=1e-10)
 
 
-def test_gnvp_matches_explicit_jt_h_j_for_cross_entropy():
+@pytest.mark.parametrize("products", list(BUDGETS))
+def test_gnvp_matches_explicit_jt_h_j_for_cross_entropy(products):
     model, data = make_mlp(d_out=3), classification()
 
     def softmax_hessian(o, y):
@@ -101,7 +108,8 @@ def test_gnvp_matches_explicit_jt_h_j_for_cross_entropy():
         return torch.diag_embed(p) - torch.einsum("ni,nj->nij", p, p)
 
     dense = dense_gauss_newton(model, data, softmax_hessian)
-    op = operator(model, SupervisedTask("cross_entropy"), data, batch_size=6)
+    op = operator(model, SupervisedTask("cross_entropy"), data, batch_size=6, jacobian_budget=BUDGETS[products])
+    assert op.products == products
     torch.testing.assert_close(op.dense(), dense, rtol=1e-9, atol=1e-10)
     # the true Hessian of cross-entropy differs from its Gauss-Newton part off a minimum
     true = operator(model, SupervisedTask("cross_entropy"), data, hessian="true").dense()
@@ -109,7 +117,8 @@ def test_gnvp_matches_explicit_jt_h_j_for_cross_entropy():
     assert (true - dense).abs().max() > 1e-3
 
 
-def test_gnvp_falls_back_to_autodiff_output_hessian():
+@pytest.mark.parametrize("products", list(BUDGETS))
+def test_gnvp_falls_back_to_autodiff_output_hessian(products):
     model, data = make_mlp(), make_regression(12)
     assert not hasattr(LogCoshTask(), "output_hessian")
 
@@ -117,7 +126,27 @@ def test_gnvp_falls_back_to_autodiff_output_hessian():
         return torch.diag_embed(1 - torch.tanh(o - y.reshape(o.shape)).pow(2))
 
     dense = dense_gauss_newton(model, data, logcosh_hessian)
-    torch.testing.assert_close(operator(model, LogCoshTask(), data, batch_size=5).dense(), dense)
+    op = operator(model, LogCoshTask(), data, batch_size=5, jacobian_budget=BUDGETS[products])
+    torch.testing.assert_close(op.dense(), dense)
+
+
+def test_jacobians_are_cached_only_within_the_budget_and_subsets_share_them():
+    model, data = make_mlp(d_out=2), make_regression(18)
+    data = TensorDataset(data.tensors[0], torch.stack([data.tensors[1], 2 * data.tensors[1]], dim=1))
+    task = SupervisedTask("mse")
+    p = sum(q.numel() for q in model.parameters())
+    exact = 18 * 2 * p * 8  # n · O · P float64 entries
+    assert operator(model, task, data, jacobian_budget=exact).products == "cached jacobians"
+    assert operator(model, task, data, jacobian_budget=exact - 1).products == "matrix-free"
+    assert operator(model, task, data, hessian="true").products == "matrix-free"
+    cached = operator(model, task, data, batch_size=4, damping=0.1)
+    free = operator(model, task, data, batch_size=4, damping=0.1, jacobian_budget=0)
+    pos = torch.tensor([1, 7, 8, 16])
+    v = torch.randn(3, p, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(cached.subset(pos).apply(v), free.subset(pos).apply(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cached.with_damping(2.0).apply(v), free.with_damping(2.0).apply(v),
+                               rtol=1e-10, atol=1e-12)
+    assert cached.subset(pos).products == "cached jacobians" and free.subset(pos).products == "matrix-free"
 
 
 def test_gauss_newton_equals_true_hessian_for_a_linear_model():

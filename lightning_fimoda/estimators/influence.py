@@ -63,9 +63,10 @@ class InfluenceFunction(Estimator):
         chunk_size: training examples per forward pass in full-data curvature products.
         params, label: see :class:`~lightning_fimoda.Estimator`.
 
-    ``info`` reports ``damping``, ``lambda_G``, the solver's diagnostics (``solver`` for the score
-    solve, ``solver_newton_step`` for the generalized step) and, if generalized, the norms of
-    ``∇R(θ̂)`` and ``Δθ_D``.
+    ``info`` reports ``damping``, ``lambda_G``, ``curvature_products`` (``"cached jacobians"`` or
+    ``"matrix-free"``, see :class:`~lightning_fimoda.curvature.CurvatureOperator`), the solver's
+    diagnostics (``solver`` for the score solve, ``solver_newton_step`` for the generalized step) and,
+    if generalized, the norms of ``∇R(θ̂)`` and ``Δθ_D``.
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class InfluenceFunction(Estimator):
         self.operator_ = CurvatureOperator(
             fn, self.train_dataset_, None, hessian=self.hessian, damping=lam, batch_size=self.chunk_size
         )
+        self.info["curvature_products"] = self.operator_.products
         self._prepare()
         self._train_flat = grads.flat
         if self.generalized:
