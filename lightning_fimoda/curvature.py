@@ -4,8 +4,10 @@
 ``jvp`` of ``grad``) or the Gauss-Newton matrix ``(1/n) Σ_i J_iᵀ ∇²_o ℓ_i J_i`` (``jvp`` through the
 model outputs, the output Hessian, ``vjp`` back), SPEC §3. When the output Jacobians of all ``n``
 examples (``n·O·P`` numbers) fit in ``jacobian_budget`` bytes, the Gauss-Newton operator computes them
-once (``vmap(jacrev)``) and each product becomes two dense matrix products ``Jᵀ (H_o (J V))``: the same
-numbers, several times faster for small-output models with many right-hand sides (CG, LiSSA). The Hessian type is a switch of the
+once (``vmap(jacrev)``) as factor rows ``G_i = |Λ_i|^{1/2} U_iᵀ J_i`` of ``∇²_o ℓ_i = U_i Λ_i U_iᵀ`` (rows of
+zero curvature dropped: softmax cross-entropy keeps ``O − 1`` per example), and each product becomes two
+dense matrix products ``Gᵀ (sign(Λ) ⊙ (G V))``: the same numbers, several times faster for small-output
+models with many right-hand sides (CG, LiSSA). The Hessian type is a switch of the
 operator, orthogonal to the solver that uses it (as in pyDVL): solvers only call
 :meth:`CurvatureOperator.apply`.
 
@@ -17,6 +19,7 @@ columns in the :class:`~lightning_fimoda.FunctionalTask` parameter order (the or
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -80,8 +83,8 @@ class CurvatureOperator:
         self.jacobian_budget = int(jacobian_budget)
         self.device, self.dtype = model_device_dtype(fn.model)
         self._batches: list[Any] | None = None
-        # (J [n, O, P], output Hessians [n, O, O]) once computed; False when over the budget
-        self._jacobians: tuple[Tensor, Tensor] | bool | None = None
+        # the Gauss-Newton factor once computed; False when over the budget (or not Gauss-Newton)
+        self._jacobians: _GaussNewtonFactor | bool | None = None
 
     @property
     def n(self) -> int:
@@ -116,8 +119,7 @@ class CurvatureOperator:
         )
         cached = self._cached_jacobians()
         if cached is not None:
-            rows = positions.to(cached[0].device)
-            other._jacobians = (cached[0][rows], cached[1][rows])
+            other._jacobians = cached.subset(positions)
         elif self.hessian == "gauss_newton":
             other._jacobians = False
         return other
@@ -138,7 +140,7 @@ class CurvatureOperator:
         rows = rows.to(device=self.device, dtype=self.dtype)
         cached = self._cached_jacobians()
         if cached is not None:
-            total = _gauss_newton_from_jacobians(*cached, rows)
+            total = cached.product(rows)
         else:
             tangents = self.fn.unflatten(rows)
             product = self._gnvp if self.hessian == "gauss_newton" else self._hvp
@@ -177,8 +179,8 @@ class CurvatureOperator:
             ]
         return self._batches
 
-    def _cached_jacobians(self) -> tuple[Tensor, Tensor] | None:
-        """``(J [n, O, P], ∇²_o ℓ [n, O, O])`` for Gauss-Newton when they fit the budget, else ``None``."""
+    def _cached_jacobians(self) -> _GaussNewtonFactor | None:
+        """The Gauss-Newton factor of all ``n`` examples when it fits the budget, else ``None``."""
         if self.hessian != "gauss_newton" or self._jacobians is False:
             return None
         if self._jacobians is None:
@@ -189,12 +191,15 @@ class CurvatureOperator:
                 if size > self.jacobian_budget:
                     self._jacobians = False
                     return None
-                parts = [self._output_jacobian(batch) for batch in batches]
-            self._jacobians = (torch.cat([j for j, _ in parts]), torch.cat([h for _, h in parts]))
+                parts, start = [], 0
+                for batch in batches:
+                    parts.append(self._batch_factor(batch, start))
+                    start += parts[-1].num_examples
+            self._jacobians = _GaussNewtonFactor.cat(parts)
         return self._jacobians
 
-    def _output_jacobian(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """Per-example output Jacobians ``[B, O, P]`` and output Hessians ``[B, O, O]`` of a batch."""
+    def _batch_factor(self, batch: Any, start: int) -> _GaussNewtonFactor:
+        """Factor rows of one batch, whose examples are ``start, start + 1, ...`` of this operator."""
         fn = self.fn
 
         def outputs_one(p: Params, example: Any) -> Tensor:
@@ -205,8 +210,12 @@ class CurvatureOperator:
         jac = vmap(jacrev(outputs_one), in_dims=(None, in_dims))(fn.params, batch)  # {name: [B, O, *shape]}
         out = fn.outputs(fn.params, batch).detach()
         b, o = out.shape
-        flat = torch.cat([jac[name].reshape(b, o, -1) for name in fn.names], dim=2)
-        return flat, self._output_hessian(out, batch)
+        flat = torch.cat([jac[name].reshape(b, o, -1) for name in fn.names], dim=2)  # J [B, O, P]
+        evals, evecs = torch.linalg.eigh(self._output_hessian(out, batch))  # [B, O], [B, O, O]
+        rows = evals.abs().sqrt().unsqueeze(2) * (evecs.transpose(1, 2) @ flat)  # [B, O, P]
+        keep = evals.abs() > o * torch.finfo(evals.dtype).eps * evals.abs().amax(dim=1, keepdim=True)
+        owner = torch.arange(start, start + b, device=flat.device).unsqueeze(1).expand(b, o)
+        return _GaussNewtonFactor(rows[keep], evals.sign()[keep], owner[keep], b)
 
     def _hvp(self, batch: Any, tangents: Params) -> Tensor:
         """``Σ_{i∈batch} ∇²ℓ_i · t`` for each of the ``k`` stacked tangents: ``[k, P]``."""
@@ -255,10 +264,34 @@ class CurvatureOperator:
         return h_out.to(out.dtype)
 
 
-def _gauss_newton_from_jacobians(jac: Tensor, out_hessian: Tensor, rows: Tensor) -> Tensor:
-    """``Σ_i J_iᵀ H_i J_i vᵀ`` for each row ``v`` of ``rows`` ``[k, P]``: ``[k, P]`` (not averaged)."""
-    n, o, p = jac.shape
-    flat = jac.reshape(n * o, p)
-    jv = (rows @ flat.T).reshape(-1, n, o)  # [k, n, O]
-    u = torch.einsum("nij,knj->kni", out_hessian, jv)
-    return u.reshape(-1, n * o) @ flat
+@dataclass
+class _GaussNewtonFactor:
+    """``Σ_i J_iᵀ ∇²_o ℓ_i J_i = Gᵀ diag(sign) G`` with ``G`` ``[R, P]`` stacked per-example factor rows.
+
+    ``owner[r]`` is the example (position ``0..n−1`` in the operator) row ``r`` belongs to.
+    """
+
+    rows: Tensor
+    sign: Tensor
+    owner: Tensor
+    num_examples: int
+
+    @staticmethod
+    def cat(parts: list[_GaussNewtonFactor]) -> _GaussNewtonFactor:
+        return _GaussNewtonFactor(
+            torch.cat([f.rows for f in parts]), torch.cat([f.sign for f in parts]),
+            torch.cat([f.owner for f in parts]), sum(f.num_examples for f in parts),
+        )
+
+    def product(self, v: Tensor) -> Tensor:
+        """``Σ_i J_iᵀ H_i J_i`` applied to each row of ``v`` ``[k, P]`` (a sum, not averaged)."""
+        return ((v @ self.rows.T) * self.sign) @ self.rows
+
+    def subset(self, positions: Tensor) -> _GaussNewtonFactor:
+        """The factor of the examples at ``positions``, renumbered ``0..len(positions)−1``."""
+        positions = positions.to(self.owner.device)
+        renumber = torch.full((self.num_examples,), -1, dtype=torch.long, device=self.owner.device)
+        renumber[positions] = torch.arange(positions.numel(), device=self.owner.device)
+        new_owner = renumber[self.owner]
+        keep = new_owner >= 0
+        return _GaussNewtonFactor(self.rows[keep], self.sign[keep], new_owner[keep], positions.numel())
