@@ -190,9 +190,15 @@ def timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float, int]:
 
 
 def sequential_rows(seq: Sequential, fitted: dict[str, Row], args) -> dict[str, Row]:
-    """Sequential counterparts of grad_dot, cg and lissa (both Hessian types), keyed by row label."""
+    """Sequential counterparts of grad_dot, cg, lissa (both Hessian types), datainf and arnoldi, keyed by
+    row label."""
     n = len(seq.train)
     rows: dict[str, Row] = {}
+
+    def per_test(solve_one: Callable[[Tensor], Tensor], tests: TensorDataset) -> Tensor:
+        """``(1/n) (H + λI)^{-1} g_x · g_j``, one test instance (one solve) at a time."""
+        g_train = seq.grads(seq.train)
+        return torch.stack([solve_one(g) for g in seq.grads(tests)]) @ g_train.T / n
 
     def grad_dot() -> Tensor:
         return seq.grads(seq.test) @ seq.grads(seq.train).T
@@ -208,11 +214,8 @@ def sequential_rows(seq: Sequential, fitted: dict[str, Row], args) -> dict[str, 
         lam = st["damping"]
 
         def solve(st=st, matvec_h=matvec_h, lam=lam) -> Tensor:
-            g_train, g_test = seq.grads(seq.train), seq.grads(seq.test)
-            out = torch.stack([
-                seq.cg(g, lambda v: matvec_h(v) + lam * v, st["tol"], st["max_iter"]) for g in g_test
-            ])
-            return out @ g_train.T / n
+            return per_test(lambda g: seq.cg(g, lambda v: matvec_h(v) + lam * v, st["tol"], st["max_iter"]),
+                            seq.test)
 
         scores, s, m = timed(solve)
         rows[label] = Row(f"sequential {label} (per-test CG, autograd products)", s, m, scores=scores)
@@ -233,15 +236,15 @@ def sequential_rows(seq: Sequential, fitted: dict[str, Row], args) -> dict[str, 
         steps = st["iterations"] or 2 * rank + 20
 
         def arnoldi() -> Tensor:
-            g_train = seq.grads(seq.train)
             evals, vecs = seq.lanczos(seq.gnvp, steps, st["seed"])
             keep = evals.abs().argsort(descending=True)[:rank]
             evals, vecs = evals[keep], vecs[keep]
-            out = []
-            for g in seq.grads(seq.test):
+
+            def solve_one(g: Tensor) -> Tensor:
                 coeff = vecs @ g
-                out.append((coeff / (evals + lam)) @ vecs + (g - coeff @ vecs) / lam)
-            return torch.stack(out) @ g_train.T / n
+                return (coeff / (evals + lam)) @ vecs + (g - coeff @ vecs) / lam
+
+            return per_test(solve_one, seq.test)
 
         scores, s, m = timed(arnoldi)
         rows["arnoldi"] = Row("sequential arnoldi (Lanczos, autograd products)", s, m, scores=scores)
@@ -254,13 +257,11 @@ def sequential_rows(seq: Sequential, fitted: dict[str, Row], args) -> dict[str, 
         k = min(args.sequential_tests, len(seq.test))
 
         def solve(st=st, matvec_h=matvec_h, k=k) -> Tensor:
-            g_train = seq.grads(seq.train)
-            g_test = seq.grads(TensorDataset(*(t[:k] for t in seq.test.tensors)))
-            out = torch.stack([
-                seq.lissa(g, matvec_h, st["damping"], st["lissa_scale"], st["depth"], st["batch_size"], st["seed"])
-                for g in g_test
-            ])
-            return out @ g_train.T / n
+            return per_test(
+                lambda g: seq.lissa(g, matvec_h, st["damping"], st["lissa_scale"], st["depth"], st["batch_size"],
+                                    st["seed"]),
+                TensorDataset(*(t[:k] for t in seq.test.tensors)),
+            )
 
         scores, s, m = timed(solve)
         scale = len(seq.test) / k

@@ -88,6 +88,8 @@ def run_estimators(
     so its time and memory include the gradients it needs (a fair cost comparison).
     ``measure_memory=True`` records each estimator's peak memory (:class:`PeakMemory`).
     """
+    if cache is not None and not share_gradients:
+        raise ValueError("cache= is a shared gradient cache; it cannot be used with share_gradients=False.")
     built = build_estimators(estimators)
     train_idx = resolve_indices(train_dataset, train_indices, "training")
     test_idx = resolve_indices(test_dataset, test_indices, "test")
@@ -96,14 +98,14 @@ def run_estimators(
     def new_cache() -> GradientCache:
         return GradientCache(memory_budget=memory_budget, progress=progress)
 
-    shared = (cache or new_cache()) if share_gradients else None
+    shared = (cache if cache is not None else new_cache()) if share_gradients else None
     runs = []
     with eval_mode(model):
         for est in built:
             meter = PeakMemory(device) if measure_memory else contextlib.nullcontext()
             with meter:
                 start = time.perf_counter()
-                est.fit(model, task, train_dataset, train_idx, cache=shared or new_cache())
+                est.fit(model, task, train_dataset, train_idx, cache=shared if shared is not None else new_cache())
                 scores = est.score(test_dataset, test_idx)
                 seconds = time.perf_counter() - start
             peak = meter.peak_bytes if measure_memory else None

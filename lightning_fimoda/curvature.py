@@ -3,8 +3,8 @@
 ``H`` is either the true Hessian ``∇²R(θ̂)`` of ``R(θ) = (1/n) Σ_i ℓ(z_i; θ)`` (forward-over-reverse:
 ``jvp`` of ``grad``) or the Gauss-Newton matrix ``(1/n) Σ_i J_iᵀ ∇²_o ℓ_i J_i`` (``jvp`` through the
 model outputs, the output Hessian, ``vjp`` back), SPEC §3. When the output Jacobians of all ``n``
-examples (``n·O·P`` numbers) fit in ``jacobian_budget`` bytes, the Gauss-Newton operator computes them
-once (``vmap(jacrev)``) as factor rows ``G_i = |Λ_i|^{1/2} U_iᵀ J_i`` of ``∇²_o ℓ_i = U_i Λ_i U_iᵀ`` (rows of
+examples (at most ``n·O·P`` numbers) fit in ``jacobian_budget`` bytes, the Gauss-Newton operator computes
+them once (``vmap(jacrev)``) as factor rows ``G_i = |Λ_i|^{1/2} U_iᵀ J_i`` of ``∇²_o ℓ_i = U_i Λ_i U_iᵀ`` (rows of
 zero curvature dropped: softmax cross-entropy keeps ``O − 1`` per example), and each product becomes two
 dense matrix products ``Gᵀ (sign(Λ) ⊙ (G V))``: the same numbers, several times faster for small-output
 models with many right-hand sides (CG, LiSSA). The Hessian type is a switch of the
@@ -49,7 +49,7 @@ class CurvatureOperator:
         damping: ``λ ≥ 0`` added to the diagonal.
         batch_size: examples per forward pass (the average is exact, whatever the batch size). The
             collated batches are loaded once, on the model's device, and kept for later products.
-        jacobian_budget: bytes the cached output Jacobians may take (Gauss-Newton only; ``0``: always
+        jacobian_budget: bytes the cached Gauss-Newton factor rows may take (``0``: always
             matrix-free).
 
     Attributes:
@@ -180,27 +180,50 @@ class CurvatureOperator:
         return self._batches
 
     def _cached_jacobians(self) -> _GaussNewtonFactor | None:
-        """The Gauss-Newton factor of all ``n`` examples when it fits the budget, else ``None``."""
+        """The Gauss-Newton factor of all ``n`` examples when it fits the budget, else ``None``.
+
+        A forward pass first counts the factor rows (output-Hessian eigenvalues that are not zero), so
+        the factor is allocated once, at its exact size, and only when that size fits the budget.
+        """
         if self.hessian != "gauss_newton" or self._jacobians is False:
             return None
         if self._jacobians is None:
             batches = self._all_batches()
             with eval_mode(self.fn.model):
-                num_outputs = self.fn.outputs(self.fn.params, batches[0]).shape[1]
-                size = self.n * num_outputs * self.num_params * self.dtype.itemsize
-                if size > self.jacobian_budget:
+                spectra = [self._output_spectrum(batch) for batch in batches]
+                num_rows = sum(int(keep.sum()) for _, _, keep in spectra)
+                if num_rows * self.num_params * self.dtype.itemsize > self.jacobian_budget:
                     self._jacobians = False
                     return None
-                parts, start = [], 0
-                for batch in batches:
-                    parts.append(self._batch_factor(batch, start))
-                    start += parts[-1].num_examples
-            self._jacobians = _GaussNewtonFactor.cat(parts)
+                factor = _GaussNewtonFactor(
+                    torch.empty(num_rows, self.num_params, dtype=self.dtype, device=self.device),
+                    torch.empty(num_rows, dtype=self.dtype, device=self.device),
+                    torch.empty(num_rows, dtype=torch.long, device=self.device),
+                    self.n,
+                )
+                filled, start = 0, 0
+                for batch, spectrum in zip(batches, spectra):
+                    filled = self._fill_factor(factor, filled, batch, spectrum, start)
+                    start += spectrum[2].shape[0]
+            self._jacobians = factor
         return self._jacobians
 
-    def _batch_factor(self, batch: Any, start: int) -> _GaussNewtonFactor:
-        """Factor rows of one batch, whose examples are ``start, start + 1, ...`` of this operator."""
+    def _output_spectrum(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Eigenvalues ``[B, O]``, eigenvectors ``[B, O, O]`` of the output Hessians, and which to keep."""
+        out = self.fn.outputs(self.fn.params, batch).detach()
+        evals, evecs = torch.linalg.eigh(self._output_hessian(out, batch))
+        scale = evals.abs().amax(dim=1, keepdim=True)
+        keep = evals.abs() > out.shape[1] * torch.finfo(evals.dtype).eps * scale
+        return evals, evecs, keep
+
+    def _fill_factor(
+        self, factor: _GaussNewtonFactor, filled: int, batch: Any, spectrum: tuple[Tensor, Tensor, Tensor],
+        start: int,
+    ) -> int:
+        """Write the factor rows ``|Λ|^{1/2} Uᵀ J`` of one batch (examples ``start, start + 1, ...``)
+        from row ``filled`` on; returns the next free row."""
         fn = self.fn
+        evals, evecs, keep = spectrum
 
         def outputs_one(p: Params, example: Any) -> Tensor:
             one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
@@ -208,14 +231,15 @@ class CurvatureOperator:
 
         in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
         jac = vmap(jacrev(outputs_one), in_dims=(None, in_dims))(fn.params, batch)  # {name: [B, O, *shape]}
-        out = fn.outputs(fn.params, batch).detach()
-        b, o = out.shape
+        b, o = evals.shape
         flat = torch.cat([jac[name].reshape(b, o, -1) for name in fn.names], dim=2)  # J [B, O, P]
-        evals, evecs = torch.linalg.eigh(self._output_hessian(out, batch))  # [B, O], [B, O, O]
         rows = evals.abs().sqrt().unsqueeze(2) * (evecs.transpose(1, 2) @ flat)  # [B, O, P]
-        keep = evals.abs() > o * torch.finfo(evals.dtype).eps * evals.abs().amax(dim=1, keepdim=True)
         owner = torch.arange(start, start + b, device=flat.device).unsqueeze(1).expand(b, o)
-        return _GaussNewtonFactor(rows[keep], evals.sign()[keep], owner[keep], b)
+        end = filled + int(keep.sum())
+        factor.rows[filled:end] = rows[keep]
+        factor.sign[filled:end] = evals.sign()[keep]
+        factor.owner[filled:end] = owner[keep]
+        return end
 
     def _hvp(self, batch: Any, tangents: Params) -> Tensor:
         """``Σ_{i∈batch} ∇²ℓ_i · t`` for each of the ``k`` stacked tangents: ``[k, P]``."""
@@ -275,13 +299,6 @@ class _GaussNewtonFactor:
     sign: Tensor
     owner: Tensor
     num_examples: int
-
-    @staticmethod
-    def cat(parts: list[_GaussNewtonFactor]) -> _GaussNewtonFactor:
-        return _GaussNewtonFactor(
-            torch.cat([f.rows for f in parts]), torch.cat([f.sign for f in parts]),
-            torch.cat([f.owner for f in parts]), sum(f.num_examples for f in parts),
-        )
 
     def product(self, v: Tensor) -> Tensor:
         """``Σ_i J_iᵀ H_i J_i`` applied to each row of ``v`` ``[k, P]`` (a sum, not averaged)."""

@@ -191,5 +191,10 @@ def test_softmax_factor_drops_the_zero_curvature_direction():
     model, data = make_mlp(d_out=2), classification(classes=2)
     op = operator(model, SupervisedTask("cross_entropy"), data, batch_size=7)
     assert op._cached_jacobians().rows.shape[0] == len(data)
+    one_row_each = len(data) * op.num_params * 8  # the budget counts the rows kept, not n · O · P
+    assert operator(model, SupervisedTask("cross_entropy"), data, jacobian_budget=one_row_each).products \
+        == "cached jacobians"
+    assert operator(model, SupervisedTask("cross_entropy"), data, jacobian_budget=one_row_each - 1).products \
+        == "matrix-free"
     free = operator(model, SupervisedTask("cross_entropy"), data, jacobian_budget=0)
     torch.testing.assert_close(op.dense(), free.dense(), rtol=1e-9, atol=1e-12)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lightning_fimoda import GoldStandard, SupervisedTask, attribute
+from lightning_fimoda import GoldStandard, GradientCache, SupervisedTask, attribute
 from lightning_fimoda.attribute import run_estimators
 from lightning_fimoda.cli import main as fimoda_main
 from lightning_fimoda.metrics import agreement, noise_ceiling, seed_averaging
@@ -168,6 +168,8 @@ def test_run_estimators_with_memory_scores_equal_attribute_and_record_cost():
     shared = run_estimators(model, task, train, test, ["grad_dot"], measure_memory=True)
     assert shared[0].scores.shape == (3, 12) and shared[0].peak_memory >= 0
     assert run_estimators(model, task, train, test, ["grad_dot"])[0].peak_memory is None  # not measured
+    with pytest.raises(ValueError, match="share_gradients=False"):
+        run_estimators(model, task, train, test, ["grad_dot"], cache=GradientCache(), share_gradients=False)
 
 
 def test_peak_memory_sees_a_large_cpu_allocation():
