@@ -23,8 +23,8 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_fimoda import FiMODACallback
-from lightning_fimoda.data import DiabetesDataModule
-from lightning_fimoda.models import MLP
+from lightning_fimoda.zoo.data import DiabetesDataModule
+from lightning_fimoda.zoo.models import MLP
 
 # Every registered estimator, with CPU-friendly settings where the defaults are built for accuracy.
 ESTIMATORS = [

@@ -17,10 +17,10 @@ so every key is type-checked and ``--key=value`` overrides work)::
         class_path: lightning.pytorch.loggers.TensorBoardLogger
         init_args: {save_dir: runs, name: diabetes}
     model:                                  # any LightningModule; it should define attribution_task()
-      class_path: lightning_fimoda.models.MLP
+      class_path: lightning_fimoda.zoo.models.MLP
       init_args: {...}
     data:                                   # any LightningDataModule exposing train_dataset / test_dataset
-      class_path: lightning_fimoda.data.DiabetesDataModule
+      class_path: lightning_fimoda.zoo.data.DiabetesDataModule
       init_args: {...}
     fimoda:                                 # FiMODACallback arguments
       estimators:                           # names, or {name: ..., <estimator arguments>}

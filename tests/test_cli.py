@@ -132,10 +132,10 @@ def test_run_with_the_packaged_model_and_datamodule(tmp_path):
               enable_progress_bar: false
               default_root_dir: {tmp_path}
             model:
-              class_path: lightning_fimoda.models.MLP
+              class_path: lightning_fimoda.zoo.models.MLP
               init_args: {{input_dim: 10, hidden: [8], lr: 0.05}}
             data:
-              class_path: lightning_fimoda.data.DiabetesDataModule
+              class_path: lightning_fimoda.zoo.data.DiabetesDataModule
               init_args: {{batch_size: 64}}
             fimoda:
               estimators: [grad_dot]

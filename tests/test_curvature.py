@@ -4,59 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_fimoda import AttributionTask, FunctionalTask, SupervisedTask
 from lightning_fimoda.curvature import DEFAULT_JACOBIAN_BUDGET, CurvatureOperator
 
 from .conftest import make_mlp, make_regression
-
-
-def flat_model(model: nn.Module):
-    """``(theta0 [P], call(theta, x) -> outputs)`` for a model, independent of the package."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def call(theta: Tensor, x: Tensor) -> Tensor:
-        out, start = {}, 0
-        for name, shape in zip(names, shapes):
-            out[name] = theta[start : start + shape.numel()].reshape(shape)
-            start += shape.numel()
-        return functional_call(model, out, (x,))
-
-    return theta0, call
-
-
-def dense_true_hessian(model: nn.Module, data: TensorDataset, loss) -> Tensor:
-    theta0, call = flat_model(model)
-    x, y = data.tensors
-    return hessian(lambda th: loss(call(th, x), y).mean())(theta0)
-
-
-def dense_gauss_newton(model: nn.Module, data: TensorDataset, out_hessian) -> Tensor:
-    """``(1/n) Σ_i J_iᵀ H_o,i J_i`` with per-example Jacobians ``J_i`` ``[O, P]``."""
-    theta0, call = flat_model(model)
-    x, y = data.tensors
-    jac = jacrev(lambda th: call(th, x))(theta0)  # [n, O, P]
-    h_o = out_hessian(call(theta0, x).detach(), y)  # [n, O, O]
-    return torch.einsum("nop,noq,nqr->pr", jac, h_o, jac) / x.shape[0]
-
-
-def mse(out: Tensor, y: Tensor) -> Tensor:
-    return (out - y.reshape(out.shape)).pow(2).sum(dim=1)
-
-
-def ce(out: Tensor, y: Tensor) -> Tensor:
-    return nn.functional.cross_entropy(out, y, reduction="none")
-
-
-def classification(n: int = 20, d_in: int = 4, classes: int = 3, seed: int = 3) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
-    return TensorDataset(x, torch.randint(0, classes, (n,), generator=g))
+from .helpers import ce, classification, dense_gauss_newton, dense_true_hessian, flat_model, mse
 
 
 class LogCoshTask(AttributionTask):

@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import load_diabetes
 from sklearn.model_selection import train_test_split
 
-from lightning_fimoda.data import (
+from lightning_fimoda.zoo.data import (
     AdultDataModule,
     BreastCancerDataModule,
     CIFAR10DataModule,
@@ -24,8 +24,8 @@ from lightning_fimoda.data import (
     PadCollate,
     SST2DataModule,
 )
-from lightning_fimoda.data.uci import encode_acs_income
-from lightning_fimoda.data.vision import RandomCropFlip
+from lightning_fimoda.zoo.data.uci import encode_acs_income
+from lightning_fimoda.zoo.data.vision import RandomCropFlip
 
 
 def raw_csv(path: Path) -> tuple[list[str], np.ndarray]:
@@ -313,7 +313,7 @@ def test_sst2_local_tsv(shared_data):
 
 def test_sst2_full_files_are_read(shared_data):
     """Every line of the TSV files becomes one example (no quoting surprises)."""
-    from lightning_fimoda.data.text import read_sst2_tsv
+    from lightning_fimoda.zoo.data.text import read_sst2_tsv
 
     for name in ("sst2_train.tsv", "sst2_dev.tsv"):
         with open(shared_data / name) as fh:

@@ -10,7 +10,7 @@ from torch.func import jacrev
 from lightning_fimoda import SupervisedTask, build_estimator
 
 from .conftest import make_mlp, make_regression
-from .test_curvature import ce, classification, flat_model, mse
+from .helpers import ce, classification, flat_model, mse
 
 
 def per_layer_grads(model: nn.Module, data, loss) -> dict[str, Tensor]:

@@ -375,7 +375,7 @@ def test_functional_optimizer_matches_torch_optim(config):
 
 
 def test_lightning_mlp_uses_the_mlp_engine_and_matches_sequential():
-    from lightning_fimoda.models import MLP
+    from lightning_fimoda.zoo.models import MLP
 
     _, train, test = problem()
     model = MLP(input_dim=train.tensors[0].shape[1], hidden=(5,), seed=0).double()

@@ -11,22 +11,7 @@ from lightning_fimoda import AttributionTask, SupervisedTask, per_sample_gradien
 from lightning_fimoda.gradients import GradientCache
 
 from .conftest import make_mlp, make_regression
-
-
-def loop_oracle(model, task, dataset, indices, method="per_example_loss", names=None):
-    """One autograd backward per example: the slow, obvious reference."""
-    named = dict(model.named_parameters())
-    names = names or [n for n, p in named.items() if p.requires_grad]
-    rows = []
-    was_training = model.training
-    model.eval()
-    for i in indices:
-        batch = task.collate([dataset[i]])
-        value = getattr(task, method)(model, batch)
-        grads = torch.autograd.grad(value.sum(), [named[n] for n in names])
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    model.train(was_training)
-    return torch.stack(rows)
+from .helpers import loop_oracle
 
 
 class SmallCNN(nn.Module):

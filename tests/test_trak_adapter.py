@@ -18,7 +18,7 @@ from lightning_fimoda import SupervisedTask, attribute, build_estimator
 from lightning_fimoda.estimators.trak_adapter import TRAK
 
 from .conftest import make_mlp, make_regression
-from .test_kronfluence_adapter import (
+from .helpers import (
     CE,
     MSE,
     SIGN_DAMPING,

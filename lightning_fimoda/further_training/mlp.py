@@ -141,7 +141,7 @@ def _sequential_body(model: nn.Module) -> tuple[nn.Module | None, str]:
     """The ``nn.Sequential`` that computes ``model``'s forward, and its parameter-name prefix.
 
     A plain ``nn.Sequential`` is its own body; another module opts in by naming the submodule whose
-    forward *is* its forward in a class attribute ``fimoda_sequential`` (``lightning_fimoda.models.MLP``
+    forward *is* its forward in a class attribute ``fimoda_sequential`` (``lightning_fimoda.zoo.models.MLP``
     sets ``"net"``).
     """
     if type(model) is nn.Sequential:

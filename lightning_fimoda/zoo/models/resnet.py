@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ..task import SupervisedTask
+from ...task import SupervisedTask
 
 __all__ = ["ResNet9"]
 

@@ -2,7 +2,7 @@
 and Folktables ACSIncome through the ``folktables`` package.
 
 Each datamodule reads one CSV file: ``path`` if given, else ``data_dir / <default file name>``.
-Preprocessing follows the paper (see :class:`~lightning_fimoda.data.base.TabularDataModule`); the
+Preprocessing follows the paper (see :class:`~lightning_fimoda.zoo.data.base.TabularDataModule`); the
 dataset-specific steps are documented on each class.
 """
 
@@ -32,7 +32,7 @@ class CSVDataModule(TabularDataModule):
     Args:
         data_dir: folder holding :attr:`filename` (used when ``path`` is not given).
         path: the CSV file itself.
-        **kwargs: see :class:`~lightning_fimoda.data.base.TabularDataModule`.
+        **kwargs: see :class:`~lightning_fimoda.zoo.data.base.TabularDataModule`.
     """
 
     filename = ""

@@ -16,7 +16,7 @@ class DiabetesDataModule(TabularDataModule):
     """scikit-learn's diabetes regression data (442 x 10; 397 train / 45 test with the defaults).
 
     Items ``(x [10], y [1])``; features and (by default) the target standardised with training
-    statistics. Keyword arguments: see :class:`~lightning_fimoda.data.base.TabularDataModule`.
+    statistics. Keyword arguments: see :class:`~lightning_fimoda.zoo.data.base.TabularDataModule`.
     """
 
     task_kind = "regression"
@@ -34,7 +34,7 @@ class BreastCancerDataModule(TabularDataModule):
     """scikit-learn's breast cancer binary classification data (569 x 30; 512 train / 57 test).
 
     Items ``(x [30], y)`` with ``y`` an int64 class id (0 = malignant, 1 = benign, as in scikit-learn).
-    Keyword arguments: see :class:`~lightning_fimoda.data.base.TabularDataModule`.
+    Keyword arguments: see :class:`~lightning_fimoda.zoo.data.base.TabularDataModule`.
     """
 
     task_kind = "classification"

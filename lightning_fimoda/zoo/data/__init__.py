@@ -3,7 +3,7 @@
 Every datamodule exposes, after ``setup()``, map-style ``train_dataset`` / ``test_dataset``, and
 ``task_kind`` (``"regression"`` / ``"classification"``), ``input_dim`` and ``num_outputs`` to wire a
 model; ``val_dataloader()`` serves the test split. Tabular and image items are ``(x, y)`` pairs;
-text items are dicts (see :mod:`lightning_fimoda.data.text`).
+text items are dicts (see :mod:`lightning_fimoda.zoo.data.text`).
 """
 
 from .base import TabularDataModule

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...task import AttributionTask, SupervisedTask
 from ..data.text import PadCollate, default_encoder_path
-from ..task import AttributionTask, SupervisedTask
 
 __all__ = ["TextClassificationTask", "TextClassifier", "load_encoder"]
 
@@ -34,7 +34,7 @@ class TextClassificationTask(AttributionTask):
     """Softmax cross-entropy for dict batches ``{"input_ids" [B, L], "attention_mask" [B, L],
     "labels" [B]}`` with the model called as ``model(input_ids, attention_mask)`` -> logits ``[B, C]``.
 
-    Items are collated with :class:`~lightning_fimoda.data.text.PadCollate` (padding with
+    Items are collated with :class:`~lightning_fimoda.zoo.data.text.PadCollate` (padding with
     ``pad_token_id``), as the SST-2 dataloaders do. Works inside ``torch.func.vmap`` over single
     examples (see :meth:`TextClassifier.forward`).
     """

@@ -2,7 +2,7 @@
 
 Items are dicts ``{"input_ids": int64 [L], "attention_mask": int64 [L], "labels": int64 []}`` of
 unpadded length ``L``; :class:`PadCollate` pads a list of them to the longest one. The text model's
-attribution task (:class:`~lightning_fimoda.models.text.TextClassificationTask`) uses the same
+attribution task (:class:`~lightning_fimoda.zoo.models.text.TextClassificationTask`) uses the same
 collate, so estimators batch these items exactly as the dataloaders do.
 """
 
