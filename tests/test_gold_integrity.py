@@ -55,9 +55,9 @@ def test_changed_task_is_refused(tmp_path):
             return self.per_example_loss(model, batch) + 1.0
 
     model, train, test = problem()
-    loop(tmp_path).run(model, train, test, LOO)
+    loop(tmp_path, engine="vectorised").run(model, train, test, LOO)
     with pytest.raises(MismatchError, match=r"differing: \['task'\]"):
-        loop(tmp_path, task=Shifted()).run(model, train, test, LOO)
+        loop(tmp_path, task=Shifted(), engine="vectorised").run(model, train, test, LOO)
     with pytest.raises(MismatchError, match=r"differing: \['task'\]"):
         loop(tmp_path, task=SupervisedTask("cross_entropy")).run(model, train, test, LOO)
 
