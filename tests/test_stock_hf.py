@@ -69,6 +69,7 @@ def loop_jacobians(module: StockClassifier, data: TokenizedDataset, names: list[
     return torch.stack(jacobians), torch.stack(probs)
 
 
+@pytest.mark.slow  # ~15 s of CPU time (MiniLM in float64)
 def test_stock_sequence_classifier_end_to_end_with_callback(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = load_tokenizer()
