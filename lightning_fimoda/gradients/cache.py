@@ -57,6 +57,17 @@ class GradientStream:
             raise ConfigurationError("A projected gradient stream has no per-layer columns.")
         return self.layout.layer_slices()
 
+    def collect(self) -> Tensor:
+        """All rows as one ``[n, P']`` matrix: the stored one when resident, else assembled in one pass."""
+        if isinstance(self._source, Tensor):
+            return self._source
+        out = None
+        for pos, chunk in self:
+            if out is None:
+                out = chunk.new_empty(self.n, self.width)
+            out[pos.to(out.device)] = chunk
+        return out
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.passes += 1
         if isinstance(self._source, Tensor):
@@ -175,9 +186,7 @@ class GradientCache:
 
         if fits:  # a projected set that fits: computed once, kept
             if key not in self._store:
-                out = torch.empty(indices.numel(), width, dtype=dtype, device=device)
-                for pos, chunk in recompute():
-                    out[pos.to(device)] = chunk
+                out = GradientStream(indices, layout, width, recompute, "resident", True).collect()
                 self._store[key] = out
                 self._kept(key, model, task, dataset, what, kind, "resident", out)
             return GradientStream(indices, layout, width, self._store[key], "resident", True)
