@@ -44,11 +44,14 @@ def test_cache_reports_budget_and_storage(setup):
     test_stream = cache.stream(model, task, test, tidx, kind="measurement", what="test")
     assert cache.info["memory_budget"] == TINY and cache.info["memory_budget_source"] == "given"
     assert train_stream.storage == "recomputed" and test_stream.storage == "resident"
-    assert cache.info["gradient_sets"]["training loss"] == {"storage": "recomputed", "n": 24, "num_params": P}
+    assert cache.info["gradient_sets"]["training loss"] == {"storage": "recomputed", "n": 24, "num_params": P,
+                                                            "chunk_rows": 3}
     assert cache.info["gradient_sets"]["test measurement"]["storage"] == "resident"
     with pytest.raises(ConfigurationError, match="do not fit the memory budget"):
         cache.get(model, task, train, idx)
     assert cache.get(model, task, test, tidx, kind="measurement").flat is next(iter(test_stream))[1]
+    with pytest.raises(ConfigurationError, match="too small for one example"):
+        GradientCache(memory_budget=ROW).stream(model, task, train, idx)
     auto = GradientCache()
     auto.stream(model, task, train, idx)
     assert auto.info["memory_budget"] > 0 and "25%" in auto.info["memory_budget_source"]
