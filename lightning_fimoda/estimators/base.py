@@ -36,6 +36,7 @@ class Estimator(ABC):
     """
 
     name: ClassVar[str] = "estimator"
+    checkpoint_indexed: ClassVar[bool] = False  # True: score() returns [n_checkpoints, n_test, n_train]
 
     def __init__(self, *, params: Sequence[str] | None = None, label: str | None = None) -> None:
         self.params = list(params) if params is not None else None
@@ -51,6 +52,10 @@ class Estimator(ABC):
     @label.setter
     def label(self, value: str | None) -> None:
         self._label = value
+
+    def check(self, model: nn.Module, task: AttributionTask, train_dataset: Any) -> None:
+        """Cheap validation before any expensive work (stand-in; subclasses may raise ConfigurationError)."""
+        return None
 
     def fit(
         self,

@@ -174,6 +174,9 @@ class FurtherTrainingLoop:
         return "full" in self.adjustments
 
     # -- public entry points ----------------------------------------------------------------------
+    def check(self, model: nn.Module, train_dataset: Any, test_dataset: Any, train_idx: Any, test_idx: Any) -> None:
+        """Cheap validation before any expensive work (stand-in until the owner's version lands)."""
+
     def run(
         self,
         model: nn.Module,
