@@ -86,6 +86,8 @@ class Estimator(ABC):
         idx = resolve_indices(test_dataset, test_indices, "test")
         scores = self._score(test_dataset, idx)
         expected = (idx.numel(), self.train_indices_.numel())
+        if self.checkpoint_indexed:  # [n_checkpoints, n_test, n_train]
+            expected = (scores.shape[0] if scores.dim() == 3 else -1, *expected)
         if tuple(scores.shape) != expected:
             raise RuntimeError(f"{self.label}: scores have shape {tuple(scores.shape)}, expected {expected}.")
         if not torch.isfinite(scores).all():
