@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from ..._optional import require
 from ...task import AttributionTask, SupervisedTask
 from ..data.text import PadCollate, default_encoder_path
+from .base import ZooModule
 
 __all__ = ["TextClassificationTask", "TextClassifier", "additive_attention_mask", "load_encoder"]
 
@@ -98,7 +98,7 @@ class TextClassificationTask(AttributionTask):
         return f"TextClassificationTask(pad_token_id={self.pad_token_id})"
 
 
-class TextClassifier(L.LightningModule):
+class TextClassifier(ZooModule):
     """Hugging Face encoder + ``nn.Linear`` head on the final [CLS] (first-token) representation.
 
     Args:
@@ -152,23 +152,8 @@ class TextClassifier(L.LightningModule):
         """Cross-entropy on dict batches, collated like the SST-2 dataloaders."""
         return self._attribution_task
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
-        outputs = self._attribution_task.outputs(self, batch)
-        loss = self._attribution_task.loss_from_outputs(outputs, batch).mean()
-        acc = (outputs.argmax(dim=1) == batch["labels"]).float().mean()
-        size = batch["labels"].shape[0]
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", batch_size=size)
-        self.log(f"{stage}_acc", acc, prog_bar=stage != "train", batch_size=size)
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
+    def class_labels(self, batch: Any) -> Tensor:
+        return batch["labels"]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
