@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from ._data import dataset_length, model_device_dtype, resolve_indices
 from ._lightning import find_datasets, preserved_state
-from ._output import check_writable, clear_previous_report, gold_key
+from ._output import check_writable, clear_previous_report
 from ._progress import StageLog, show_bars
 from ._quiet import quiet_attribution
 from ._tb import log_report
@@ -74,7 +74,7 @@ from .gradients import DEFAULT_MEMORY_BUDGET
 from .pipeline import EstimatorRun, build_estimators, check_estimators, run_estimators
 from .profiling import memory_kind
 from .report import AttributionReport, library_versions
-from .score_store import ScoreStore, model_digest
+from .score_store import ScoreStore
 from .task import AttributionTask, resolve_task
 
 __all__ = ["FiMODACallback", "preserved_state"]
@@ -245,10 +245,8 @@ class FiMODACallback(Callback):
         if plan.loop is None:
             return None, None
         loop = plan.loop
-        if getattr(loop, "run_dir", None) is None:
-            settings = loop.settings() if callable(getattr(loop, "settings", None)) else repr(loop)
-            key = gold_key(model_digest(module), settings, plan.train_idx, plan.test_idx)
-            loop.run_dir = plan.directory / "gold" / key
+        if getattr(loop, "run_dir", None) is None and getattr(loop, "run_root", None) is None:
+            loop.run_root = plan.directory / "gold"  # one sub-folder per job fingerprint
         stages = StageLog(1, self.progress, what="stage")
         start = time.perf_counter()
         gold = loop.run(module, plan.train_ds, plan.test_ds, plan.train_idx, plan.test_idx)

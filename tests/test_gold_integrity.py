@@ -205,3 +205,17 @@ def test_gold_standard_file_still_loads(tmp_path):
     model, train, test = problem()
     gold = loop(tmp_path).run(model, train, test, LOO)
     assert GoldStandard.load(tmp_path / "gold_standard.safetensors").equals(gold)
+
+
+def test_run_root_gives_each_job_its_own_directory(tmp_path):
+    model, train, test = problem()
+    first = loop(None, run_root=tmp_path)
+    gold = first.run(model, train, test, LOO)
+    frozen, _, _ = problem()
+    frozen[0].bias.requires_grad_(False)  # same weights, another job (the bias is not trained further)
+    other = loop(None, run_root=tmp_path)
+    other.run(frozen, train, test, LOO)
+    assert other.info["run_dir"] != first.info["run_dir"] and other.info["units_loaded"] == 0
+    again = loop(None, run_root=tmp_path)
+    assert again.run(model, train, test, LOO).equals(gold) and again.info["units_computed"] == 0
+    assert again.info["run_dir"] == first.info["run_dir"]
