@@ -8,19 +8,8 @@ import torch
 
 from lightning_fimoda import SupervisedTask, per_sample_gradients
 from lightning_fimoda.exceptions import ConfigurationError
-from lightning_fimoda.gradients import (
-    GradientCache,
-    gradient_chunks,
-    resolve_memory_budget,
-    streamed_fisher_products,
-    streamed_gram,
-    streamed_layer_accumulate,
-    streamed_layer_mean_square,
-    streamed_mean_square,
-    streamed_products,
-    streamed_sq_norms,
-    streamed_transposed_products,
-)
+from lightning_fimoda.gradients import GradientCache, gradient_chunks, resolve_memory_budget
+from lightning_fimoda.gradients import streaming as st
 
 from .conftest import make_mlp, make_regression
 
@@ -55,11 +44,14 @@ def test_cache_reports_budget_and_storage(setup):
     test_stream = cache.stream(model, task, test, tidx, kind="measurement", what="test")
     assert cache.info["memory_budget"] == TINY and cache.info["memory_budget_source"] == "given"
     assert train_stream.storage == "recomputed" and test_stream.storage == "resident"
-    assert cache.info["gradient_sets"]["training loss"] == {"storage": "recomputed", "n": 24, "num_params": P}
+    assert cache.info["gradient_sets"]["training loss"] == {"storage": "recomputed", "n": 24, "num_params": P,
+                                                            "chunk_rows": 3}
     assert cache.info["gradient_sets"]["test measurement"]["storage"] == "resident"
     with pytest.raises(ConfigurationError, match="do not fit the memory budget"):
         cache.get(model, task, train, idx)
     assert cache.get(model, task, test, tidx, kind="measurement").flat is next(iter(test_stream))[1]
+    with pytest.raises(ConfigurationError, match="too small for one example"):
+        GradientCache(memory_budget=ROW).stream(model, task, train, idx)
     auto = GradientCache()
     auto.stream(model, task, train, idx)
     assert auto.info["memory_budget"] > 0 and "25%" in auto.info["memory_budget_source"]
@@ -88,7 +80,7 @@ def test_chunks_positions_and_shifted_parameters(setup):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     stream = GradientCache(memory_budget=TINY).stream(model, task, train, idx, at=shift)
     assert stream.storage == "recomputed"
-    torch.testing.assert_close(streamed_products(stream, torch.eye(P, dtype=torch.float64)), want)
+    torch.testing.assert_close(st.streamed_products(stream, torch.eye(P, dtype=torch.float64)), want)
 
 
 def test_streamed_products_equal_dense_formulas(setup):
@@ -99,14 +91,14 @@ def test_streamed_products_equal_dense_formulas(setup):
     gx = per_sample_gradients(model, task, test, kind="measurement").flat  # [5, P]
     w = torch.linspace(-1, 1, 24, dtype=torch.float64)[:, None]
     close = dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(streamed_products(stream, gx.T), g @ gx.T, **close)
-    torch.testing.assert_close(streamed_transposed_products(stream, w), g.T @ w, **close)
-    torch.testing.assert_close(streamed_fisher_products(stream, gx), gx @ g.T @ g, **close)
-    torch.testing.assert_close(streamed_sq_norms(stream), g.pow(2).sum(dim=1), **close)
-    assert streamed_mean_square(stream) == pytest.approx(g.pow(2).mean().item(), rel=1e-12)
+    torch.testing.assert_close(st.streamed_products(stream, gx.T), g @ gx.T, **close)
+    torch.testing.assert_close(st.streamed_transposed_products(stream, w), g.T @ w, **close)
+    torch.testing.assert_close(st.streamed_fisher_products(stream, gx), gx @ g.T @ g, **close)
+    torch.testing.assert_close(st.streamed_sq_norms(stream), g.pow(2).sum(dim=1), **close)
+    assert st.streamed_mean_square(stream) == pytest.approx(g.pow(2).mean().item(), rel=1e-12)
     layers = stream.layer_slices()
     assert list(layers) == ["0", "2"]
-    ms = streamed_layer_mean_square(stream)
+    ms = st.streamed_layer_mean_square(stream)
     for name, sl in layers.items():
         assert ms[name] == pytest.approx(g[:, sl].pow(2).mean().item(), rel=1e-12)
 
@@ -118,8 +110,8 @@ def test_datainf_sums_equal_per_example_loops(setup):
     gx = per_sample_gradients(model, task, test, kind="measurement").flat
     gj = g[:7]
     damping = {"0": 0.3, "2": 0.05}
-    acc = streamed_layer_accumulate(stream, gx, damping)
-    gram = streamed_gram(stream, gx, gj, damping)
+    acc = st.streamed_layer_accumulate(stream, gx, damping)
+    gram = st.streamed_gram(stream, gx, gj, damping)
     for name, sl in stream.layer_slices().items():
         want_acc = torch.zeros_like(gx[:, sl])
         want_gram = torch.zeros(5, 7, dtype=torch.float64)
@@ -130,4 +122,4 @@ def test_datainf_sums_equal_per_example_loops(setup):
         torch.testing.assert_close(acc[:, sl], want_acc, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gram[name], want_gram, rtol=1e-10, atol=1e-12)
     with pytest.raises(ConfigurationError, match="No damping"):
-        streamed_gram(stream, gx, gj, {"0": 1.0})
+        st.streamed_gram(stream, gx, gj, {"0": 1.0})

@@ -36,6 +36,7 @@ class Estimator(ABC):
     """
 
     name: ClassVar[str] = "estimator"
+    checkpoint_indexed: ClassVar[bool] = False  # True: score() returns [n_checkpoints, n_test, n_train]
 
     def __init__(self, *, params: Sequence[str] | None = None, label: str | None = None) -> None:
         self.params = list(params) if params is not None else None
@@ -51,6 +52,10 @@ class Estimator(ABC):
     @label.setter
     def label(self, value: str | None) -> None:
         self._label = value
+
+    def check(self, model: nn.Module, task: AttributionTask, train_dataset: Any) -> None:
+        """Cheap validation before any expensive work (stand-in; subclasses may raise ConfigurationError)."""
+        return None
 
     def fit(
         self,
@@ -81,6 +86,8 @@ class Estimator(ABC):
         idx = resolve_indices(test_dataset, test_indices, "test")
         scores = self._score(test_dataset, idx)
         expected = (idx.numel(), self.train_indices_.numel())
+        if self.checkpoint_indexed:  # [n_checkpoints, n_test, n_train]
+            expected = (scores.shape[0] if scores.dim() == 3 else -1, *expected)
         if tuple(scores.shape) != expected:
             raise RuntimeError(f"{self.label}: scores have shape {tuple(scores.shape)}, expected {expected}.")
         if not torch.isfinite(scores).all():

@@ -8,16 +8,8 @@ products estimators compute over a stream with one chunk in memory at a time).
 from .budget import DEFAULT_MEMORY_BUDGET, available_memory, chunk_size_for, resolve_memory_budget
 from .cache import GradientCache, GradientStream
 from .engine import ParameterLayout, PerSampleGradients, gradient_chunks, per_sample_gradients
-from .streaming import (
-    streamed_fisher_products,
-    streamed_gram,
-    streamed_layer_accumulate,
-    streamed_layer_mean_square,
-    streamed_mean_square,
-    streamed_products,
-    streamed_sq_norms,
-    streamed_transposed_products,
-)
+from .streaming import *  # noqa: F403 - the streamed products, listed in streaming.__all__
+from .streaming import __all__ as _streaming
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -30,12 +22,5 @@ __all__ = [
     "gradient_chunks",
     "per_sample_gradients",
     "resolve_memory_budget",
-    "streamed_fisher_products",
-    "streamed_gram",
-    "streamed_layer_accumulate",
-    "streamed_layer_mean_square",
-    "streamed_mean_square",
-    "streamed_products",
-    "streamed_sq_norms",
-    "streamed_transposed_products",
+    *_streaming,
 ]

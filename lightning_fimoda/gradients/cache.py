@@ -21,7 +21,14 @@ from ..exceptions import ConfigurationError
 from ..functional import FunctionalTask, Params
 from ..projection import Projector
 from ..task import AttributionTask
-from .budget import DEFAULT_MEMORY_BUDGET, chunk_size_for, describe_budget, itemsize, resolve_memory_budget
+from .budget import (
+    DEFAULT_MEMORY_BUDGET,
+    VMAP_FACTOR,
+    chunk_size_for,
+    describe_budget,
+    itemsize,
+    resolve_memory_budget,
+)
 from .engine import Kind, ParameterLayout, PerSampleGradients, gradient_chunks, per_sample_gradients
 
 __all__ = ["GradientCache", "GradientStream"]
@@ -56,6 +63,17 @@ class GradientStream:
         if self.layout is None:
             raise ConfigurationError("A projected gradient stream has no per-layer columns.")
         return self.layout.layer_slices()
+
+    def collect(self) -> Tensor:
+        """All rows as one ``[n, P']`` matrix: the stored one when resident, else assembled in one pass."""
+        if isinstance(self._source, Tensor):
+            return self._source
+        out = None
+        for pos, chunk in self:
+            if out is None:
+                out = chunk.new_empty(self.n, self.width)
+            out[pos.to(out.device)] = chunk
+        return out
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.passes += 1
@@ -111,6 +129,17 @@ class GradientCache:
         """Bytes for one streamed chunk and its intermediates: half of the budget."""
         return self.resolve(device) // 2
 
+    def chunk_rows(self, num_params: int, element_size: int, device: torch.device | str = "cpu") -> int:
+        """Examples per computed chunk; :class:`ConfigurationError` if not even one fits the chunk half."""
+        row = num_params * element_size * VMAP_FACTOR
+        if row > self.chunk_budget(device):
+            raise ConfigurationError(
+                f"The memory budget ({_mib(self.resolve(device))}) is too small for one example's gradient of "
+                f"{num_params} parameters ({_mib(row)} with vmap's intermediates, half the budget is for one "
+                "chunk): raise memory_budget or select fewer parameters (params=)."
+            )
+        return chunk_size_for(num_params, element_size, self.chunk_budget(device))
+
     def fits(self, rows: int, cols: int, element_size: int, device: torch.device | str = "cpu") -> bool:
         """Whether a ``[rows, cols]`` matrix fits beside the resident sets in the resident half."""
         return self.resident_bytes() + rows * cols * element_size <= self.resolve(device) - self.chunk_budget(device)
@@ -136,8 +165,8 @@ class GradientCache:
                     f"{_mib(self.resident_bytes())} held): stream them with GradientCache.stream()."
                 )
             self._store[key] = per_sample_gradients(
-                model, task, dataset, indices, kind=kind, params=params,
-                memory_budget=self.chunk_budget(device), progress=self.progress, what=what,
+                model, task, dataset, indices, kind=kind, params=params, progress=self.progress, what=what,
+                chunk_size=self.chunk_rows(num, itemsize(dtype), device),
             )
             self._kept(key, model, task, dataset, what, kind, "resident", self._store[key].flat)
         return self._store[key]  # type: ignore[return-value]
@@ -165,23 +194,24 @@ class GradientCache:
             flat = self.get(model, task, dataset, indices, kind=kind, params=params, what=what).flat
             return GradientStream(indices, layout, width, flat, "resident", False)
 
+        rows = self.chunk_rows(fn.num_params, nbytes, device)
+
         def recompute() -> Iterator[tuple[Tensor, Tensor]]:
             chunks = gradient_chunks(
                 model, task, dataset, indices, kind=kind, params=params, at=at, progress=self.progress,
-                chunk_size=chunk_size_for(fn.num_params, nbytes, self.chunk_budget(device)), what=what,
+                chunk_size=rows, what=what,
             )
             for pos, chunk in chunks:
                 yield pos, (chunk if projection is None else projection.project(chunk))
 
         if fits:  # a projected set that fits: computed once, kept
             if key not in self._store:
-                out = torch.empty(indices.numel(), width, dtype=dtype, device=device)
-                for pos, chunk in recompute():
-                    out[pos.to(device)] = chunk
+                out = GradientStream(indices, layout, width, recompute, "resident", True).collect()
                 self._store[key] = out
                 self._kept(key, model, task, dataset, what, kind, "resident", out)
             return GradientStream(indices, layout, width, self._store[key], "resident", True)
         self._record(what, kind, "recomputed", indices.numel(), width, projection)
+        self.info["gradient_sets"][_set_name(what, kind, projection)]["chunk_rows"] = rows
         return GradientStream(indices, layout, width, recompute, "recomputed", projection is not None)
 
     def clear(self) -> None:
@@ -201,8 +231,11 @@ class GradientCache:
         self._record(what, kind, storage, tensor.shape[0], tensor.shape[1], key[-1])
 
     def _record(self, what, kind, storage, n, width, projection) -> None:
-        name = f"{what} {kind}" + ("" if projection is None else " (projected)")
-        self.info["gradient_sets"][name] = {"storage": storage, "n": int(n), "num_params": int(width)}
+        self.info["gradient_sets"][_set_name(what, kind, projection)] = {"storage": storage, "n": int(n), "num_params": int(width)}
+
+
+def _set_name(what: str, kind: str, projection: Any) -> str:
+    return f"{what} {kind}" + ("" if projection is None else " (projected)")
 
 
 def _tensor_of(value: Tensor | PerSampleGradients) -> Tensor:

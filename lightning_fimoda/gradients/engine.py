@@ -151,7 +151,11 @@ class _Pass:
     what: str
 
 
-def _prepare(model, task, dataset, indices, kind, params, at, chunk_size, memory_budget, what) -> _Pass:
+def _prepare(
+    model: nn.Module, task: AttributionTask, dataset: Any, indices: Sequence[int] | Tensor | None, *,
+    kind: Kind = "loss", params: Sequence[str] | None = None, at: Params | None = None,
+    chunk_size: int | None = None, memory_budget: int | None = None, what: str = "training",
+) -> _Pass:
     if kind not in _METHOD:
         raise ConfigurationError(f"kind must be one of {tuple(_METHOD)}, got {kind!r}.")
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
@@ -197,27 +201,18 @@ def _run(job: _Pass, progress: bool, out: Tensor | None = None) -> Iterator[tupl
 
 
 def gradient_chunks(
-    model: nn.Module,
-    task: AttributionTask,
-    dataset: Any,
-    indices: Sequence[int] | Tensor | None = None,
-    *,
-    kind: Kind = "loss",
-    params: Sequence[str] | None = None,
-    at: Params | None = None,
-    chunk_size: int | None = None,
-    memory_budget: int | None = None,
-    progress: bool = False,
-    what: str = "training",
+    model: nn.Module, task: AttributionTask, dataset: Any, indices: Sequence[int] | Tensor | None = None,
+    **options: Any,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Per-example gradients in chunks: yields ``(positions [c], gradients [c, P])``.
 
     ``positions`` index rows of the ``N`` selected examples (``0 .. N-1``, in ``indices`` order), not
-    the dataset. Arguments as for :func:`per_sample_gradients`; they are checked (and the task run
-    once on two examples) when this is called, before the first chunk is computed.
+    the dataset. Keyword ``options`` are those of :func:`per_sample_gradients` (``kind``, ``params``,
+    ``at``, ``chunk_size``, ``memory_budget``, ``progress``, ``what``); they are checked, and the task
+    run once on two examples, when this is called, before the first chunk is computed.
     """
-    job = _prepare(model, task, dataset, indices, kind, params, at, chunk_size, memory_budget, what)
-    return _run(job, progress)
+    progress = options.pop("progress", False)
+    return _run(_prepare(model, task, dataset, indices, **options), progress)
 
 
 def per_sample_gradients(
@@ -248,7 +243,8 @@ def per_sample_gradients(
             and its intermediates; ``None``: 25% of the memory available now).
         what: dataset name used in error messages.
     """
-    job = _prepare(model, task, dataset, indices, kind, params, at, chunk_size, memory_budget, what)
+    job = _prepare(model, task, dataset, indices, kind=kind, params=params, at=at, chunk_size=chunk_size,
+                   memory_budget=memory_budget, what=what)
     out = torch.empty(job.indices.numel(), job.fn.num_params, dtype=job.dtype, device=job.device)
     for _ in _run(job, progress, out=out):
         pass
