@@ -56,8 +56,12 @@ def _integer_ticks(ax: object) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _legend(ax: object) -> None:
-    """Legend to the right of the axes, so it never hides a curve."""
+def _finish(ax: object, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, grid, and the legend to the right of the axes (so it never hides a curve)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
@@ -81,16 +85,14 @@ def agreement_figure(report: AttributionReport, adjust: str = "mean", method: st
                 f"{len(gold.seeds) // 2} seeds)")
         ax.fill_between(x, mean - sem, mean + sem, color="0.5", alpha=0.15, linewidth=0)
     ax.axhline(0.0, color="0.6", linewidth=0.8)
-    ax.set_xlabel(f"further training ({gold.checkpoint_unit}s)")
     _integer_ticks(ax)
-    ax.set_ylabel(f"{_METHOD_NAME[method]} with further training")
-    ax.set_title(
+    _finish(
+        ax,
+        f"further training ({gold.checkpoint_unit}s)",
+        f"{_METHOD_NAME[method]} with further training",
         f"Agreement with further training ({adjust} adjustment, {len(gold.seeds)} seeds)\n"
         f"mean ± s.e. over {gold.test_indices.numel()} test instances, {gold.loo_indices.numel()} LOO instances",
-        fontsize=10,
     )
-    ax.grid(alpha=0.3)
-    _legend(ax)
     return fig
 
 
@@ -109,15 +111,13 @@ def seed_averaging_figure(report: AttributionReport, adjust: str = "mean", metho
         ax.errorbar([k * dodge for k in ks], means, yerr=sems, markersize=4, capsize=3, label=label, **_style(i))
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("seeds averaged per gold standard (k)")
-    ax.set_ylabel(f"peak {_METHOD_NAME[method]} over {gold.checkpoint_unit}s")
-    ax.set_title(
+    _finish(
+        ax,
+        "seeds averaged per gold standard (k)",
+        f"peak {_METHOD_NAME[method]} over {gold.checkpoint_unit}s",
         f"Seed averaging ({adjust} adjustment): groups of k of {len(gold.seeds)} seeds\n"
-        f"mean ± s.e. over test instances and groups",
-        fontsize=10,
+        "mean ± s.e. over test instances and groups",
     )
-    ax.grid(alpha=0.3)
-    _legend(ax)
     return fig
 
 
@@ -131,15 +131,13 @@ def sorted_scores_figure(report: AttributionReport) -> Figure:
         rank = (torch.arange(values.numel(), dtype=torch.float64) + 0.5) / values.numel()
         ax.plot(rank.numpy(), values.numpy(), label=label, **{**_style(i), "marker": None})
     ax.axhline(0.0, color="0.6", linewidth=0.8)
-    ax.set_xlabel("training instances ranked by total score (fraction: most helpful → most harmful)")
-    ax.set_ylabel("total score over test instances / max |total|")
-    ax.set_title(
+    _finish(
+        ax,
+        "training instances ranked by total score (fraction: most helpful → most harmful)",
+        "total score over test instances / max |total|",
         f"Sorted attribution scores ({report.train_indices.numel()} training instances, "
         f"summed over {report.test_indices.numel()} tests)\npositive = helpful, negative = harmful",
-        fontsize=10,
     )
-    ax.grid(alpha=0.3)
-    _legend(ax)
     return fig
 
 

@@ -287,7 +287,8 @@ class AttributionReport:
         """Write the report into ``directory`` (created if needed); returns the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"scores/{label}": s.contiguous() for label, s in self.scores.items()}
+        # clones: scores may share memory (views of one tensor), which safetensors refuses
+        tensors = {f"scores/{label}": s.detach().clone() for label, s in self.scores.items()}
         tensors["train_indices"] = self.train_indices.contiguous()
         tensors["test_indices"] = self.test_indices.contiguous()
         if self.mislabeled is not None:
@@ -351,7 +352,7 @@ class AttributionReport:
             )
             and torch.equal(self.train_indices, other.train_indices)
             and torch.equal(self.test_indices, other.test_indices)
-            and self._metadata() == other._metadata()
+            and json.dumps(self._metadata()) == json.dumps(other._metadata())  # as text: NaN equals NaN
         )
 
 
