@@ -53,7 +53,7 @@ def make_report(gold: GoldStandard | None = None, **kwargs) -> AttributionReport
         info={"model": "MLP", "versions": {"torch": torch.__version__}},
     )
     defaults.update(kwargs)
-    return AttributionReport(**defaults)
+    return AttributionReport.from_scores(**defaults)
 
 
 def test_evaluation_aligns_columns_and_rows_with_the_gold_standard():
