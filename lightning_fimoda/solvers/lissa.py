@@ -94,7 +94,8 @@ class LissaSolver(Solver):
     Divergence: a row is diverging when its iterate is not finite or ``‖h_t‖ > 2 min(t + 1, s/λ) ‖v‖``
     (when every step contracts, ``‖h_t‖ ≤ min(t + 1, s/λ) ‖v‖``); it raises
     :class:`~lightning_fimoda.exceptions.DivergenceError` once no larger scale is left.
-    ``info`` reports ``lissa_lambda_max``, ``lissa_lambda_min`` (full data), ``lissa_scale`` and ``lissa_scales_tried``; the diagnostics
+    ``info`` reports ``lissa_lambda_max`` (the largest estimate, full data or probed mini-batch),
+    ``lissa_lambda_min`` (full data), ``lissa_scale`` and ``lissa_scales_tried``; the diagnostics
     of a solve ``scale``, ``steps``, ``converged`` and ``max_relative_residual``.
     """
 
@@ -121,7 +122,7 @@ class LissaSolver(Solver):
             self._scales = [SCALE_MARGIN * lam_max * f for f in cfg.scale_ladder]
         else:
             self._scales = [float(cfg.scale)]
-        self.info.update(lissa_scale=self._scales[0], lissa_scales_tried=[])
+        self.info.update(lissa_lambda_max=lam_max, lissa_scale=self._scales[0], lissa_scales_tried=[])
 
     def _solve(self, op: CurvatureOperator, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         tried = self.info["lissa_scales_tried"]
