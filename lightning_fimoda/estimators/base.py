@@ -146,7 +146,10 @@ class Estimator(ABC):
         if tuple(scores.shape) != expected:
             raise RuntimeError(f"{self.label}: scores have shape {tuple(scores.shape)}, expected {expected}.")
         if not torch.isfinite(scores).all():
-            raise NonFiniteError(f"{self.label}: non-finite attribution scores.")
+            raise NonFiniteError(
+                f"{self.label}: non-finite attribution scores; check that the training data, the test data and "
+                "the model weights are finite (torch.isfinite), or use more damping."
+            )
         return scores.detach().cpu()
 
     def settings(self) -> dict[str, Any]:
