@@ -38,6 +38,5 @@ def test_library_errors_wraps_foreign_errors_and_passes_ours():
     with pytest.raises(ConfigurationError, match=r"trak: traker failed \(KeyError: 'grads'\)"):
         with library_errors("trak", "traker"):
             raise KeyError("grads")
-    with pytest.raises(MissingExtraError):
-        with library_errors("trak", "traker"):
-            raise MissingExtraError("install it")
+    with pytest.raises(MissingExtraError), library_errors("trak", "traker"):
+        raise MissingExtraError("install it")
