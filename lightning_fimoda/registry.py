@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._registry import registering
+
 if TYPE_CHECKING:
     from .estimators.base import Estimator
 
@@ -20,15 +22,7 @@ def register_estimator(name: str) -> Callable[[E], E]:
     """Decorator: make an :class:`~lightning_fimoda.Estimator` class (or a factory returning one)
     buildable by ``name``. A class gets ``name`` as its ``name`` (the default label)."""
 
-    def decorate(builder: E) -> E:
-        if name in _REGISTRY and _REGISTRY[name] is not builder:
-            raise ValueError(f"An estimator named {name!r} is already registered ({_REGISTRY[name]}).")
-        if isinstance(builder, type):
-            builder.name = name
-        _REGISTRY[name] = builder
-        return builder
-
-    return decorate
+    return registering(_REGISTRY, name, "estimator")
 
 
 def available_estimators() -> list[str]:

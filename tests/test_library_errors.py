@@ -31,12 +31,12 @@ def test_non_finite_training_data_gives_a_non_finite_error_naming_the_fix(name):
 
 
 def test_library_errors_wraps_foreign_errors_and_passes_ours():
-    with pytest.raises(NonFiniteError, match="ekfac: kronfluence failed on non-finite") as info:
-        with library_errors("ekfac", "kronfluence"):
-            torch.linalg.cholesky(torch.full((2, 2), float("nan")))
+    wrapped = pytest.raises(NonFiniteError, match="ekfac: kronfluence failed on non-finite")
+    with wrapped as info, library_errors("ekfac", "kronfluence"):
+        torch.linalg.cholesky(torch.full((2, 2), float("nan")))
     assert isinstance(info.value.__cause__, torch.linalg.LinAlgError)
-    with pytest.raises(ConfigurationError, match=r"trak: traker failed \(KeyError: 'grads'\)"):
-        with library_errors("trak", "traker"):
-            raise KeyError("grads")
+    wrapped = pytest.raises(ConfigurationError, match=r"trak: traker failed \(KeyError: 'grads'\)")
+    with wrapped, library_errors("trak", "traker"):
+        raise KeyError("grads")
     with pytest.raises(MissingExtraError), library_errors("trak", "traker"):
         raise MissingExtraError("install it")

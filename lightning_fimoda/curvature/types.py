@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from .._registry import registering
 from ..exceptions import ConfigurationError
 from ..functional import Params, eval_mode
 
@@ -42,14 +43,7 @@ T = TypeVar("T", bound="type[CurvatureType]")
 def register_curvature(name: str) -> Callable[[T], T]:
     """Class decorator: make a :class:`CurvatureType` selectable as ``hessian=name``."""
 
-    def decorate(cls: T) -> T:
-        if name in _CURVATURES and _CURVATURES[name] is not cls:
-            raise ValueError(f"A curvature type named {name!r} is already registered.")
-        cls.name = name
-        _CURVATURES[name] = cls
-        return cls
-
-    return decorate
+    return registering(_CURVATURES, name, "curvature type")
 
 
 def available_curvatures() -> list[str]:

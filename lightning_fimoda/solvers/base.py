@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from .._registry import registering
 from .._settings import SettingsConfig
 from ..curvature import CurvatureOperator
 from ..exceptions import NotFittedError
@@ -30,14 +31,7 @@ S = TypeVar("S", bound="type[Solver]")
 def register_solver(name: str) -> Callable[[S], S]:
     """Class decorator: make a :class:`Solver` available by ``name``."""
 
-    def decorate(cls: S) -> S:
-        if name in SOLVERS and SOLVERS[name] is not cls:
-            raise ValueError(f"A solver named {name!r} is already registered.")
-        cls.name = name
-        SOLVERS[name] = cls
-        return cls
-
-    return decorate
+    return registering(SOLVERS, name, "solver")
 
 
 @dataclass(frozen=True)
