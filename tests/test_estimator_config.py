@@ -6,12 +6,15 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from lightning_fimoda import AttributionTask, Estimator, SupervisedTask, build_estimator
+from lightning_fimoda.attribute import build_estimators
 from lightning_fimoda.estimators import EstimatorConfig, InfluenceConfig, InfluenceFunction
 from lightning_fimoda.exceptions import ConfigurationError, PrecisionError
 from lightning_fimoda.solvers import CGConfig, CGSolver
@@ -128,3 +131,22 @@ def test_checkpoint_indexed_estimators_return_one_matrix_per_checkpoint():
     type(flat).checkpoint_indexed = False
     with pytest.raises(RuntimeError, match=r"scores have shape \(3, 2, 5\), expected \(2, 5\)"):
         flat.fit(model, MSE, train).score(test)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_builds_its_estimators(path):
+    specs = yaml.safe_load(path.read_text())["fimoda"]["estimators"]
+    built = build_estimators(specs)
+    assert [e.label for e in built] == [s if isinstance(s, str) else s.get("label", s["name"]) for s in specs]
+    for spec, est in zip(specs, built):
+        if isinstance(spec, dict) and "hessian" in spec:
+            assert est.config.hessian == "exact"
+
+
+@pytest.mark.parametrize("text", ['hessian: "true"', "hessian: true", "hessian: exact", "hessian: True"])
+def test_yaml_spellings_of_the_exact_hessian(text):
+    spec = yaml.safe_load(f"{{name: lissa, {text}}}")
+    assert build_estimators([spec])[0].config.hessian == "exact"
