@@ -12,7 +12,7 @@ from typing import Any
 
 from .exceptions import ConfigurationError
 
-__all__ = ["SettingsConfig"]
+__all__ = ["SettingsConfig", "json_safe"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class SettingsConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Field values, JSON-safe (tuples become lists, paths strings, nested configs dicts)."""
-        return {f.name: _json_safe(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: json_safe(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     # -- checks used by subclasses' __post_init__ ---------------------------------------------------
     def _fail(self, message: str) -> None:
@@ -63,14 +63,15 @@ class SettingsConfig:
             self._fail(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with tuples as lists, paths as strings, configs and mappings as dicts (recursively)."""
     if isinstance(value, SettingsConfig):
         return value.to_dict()
     if isinstance(value, (tuple, list)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     return value
 

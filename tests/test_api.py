@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 from torch import nn
@@ -12,7 +10,6 @@ from torch.utils.data import TensorDataset
 import lightning_fimoda as lf
 from lightning_fimoda import Estimator, SupervisedTask, attribute, build_estimator, register_estimator
 from lightning_fimoda.attribute import run_estimators
-from lightning_fimoda.estimators import EstimatorConfig
 from lightning_fimoda.gradients import GradientCache
 
 from .conftest import make_mlp, make_regression
@@ -36,19 +33,17 @@ def test_bad_keyword_lists_allowed():
 
 
 def test_register_custom_estimator_and_duplicate_labels():
-    @dataclass(frozen=True)
-    class ConstantConfig(EstimatorConfig):
-        value: float = 1.0
-
     @register_estimator("test_constant")
     class Constant(Estimator):
-        config_class = ConstantConfig
+        def __init__(self, *, value: float = 1.0, params=None, label=None):
+            super().__init__(params=params, label=label)
+            self.value = value
 
         def _fit(self):
             pass
 
         def _score(self, test_dataset, test_indices):
-            return torch.full((test_indices.numel(), self.train_indices_.numel()), self.config.value)
+            return torch.full((test_indices.numel(), self.train_indices_.numel()), self.value)
 
     model, task = make_mlp(), SupervisedTask("mse")
     train, test = make_regression(5), make_regression(3)

@@ -15,6 +15,7 @@ values chosen during fitting (damping used, LiSSA scale, solver iterations) go i
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._data import resolve_indices
+from .._settings import json_safe
 from ..exceptions import ConfigurationError, NonFiniteError, NotFittedError, PrecisionError
 from ..functional import select_parameters
 from ..gradients import GradientCache, PerSampleGradients
@@ -153,8 +155,19 @@ class Estimator(ABC):
         return scores.detach().cpu()
 
     def settings(self) -> dict[str, Any]:
-        """The config (``config.to_dict()``) plus the values chosen while fitting (:attr:`info`)."""
-        return {"estimator": self.name, **self.config.to_dict(), **self.info}
+        """The config (``config.to_dict()``) plus the values chosen while fitting (:attr:`info`).
+
+        A subclass written the pre-config way (its own ``__init__`` keyword arguments stored as attributes
+        of the same name) also has those reported, so caches and reports still tell its settings apart.
+        """
+        return {"estimator": self.name, **self.config.to_dict(), **self._init_attributes(), **self.info}
+
+    def _init_attributes(self) -> dict[str, Any]:
+        parameters = inspect.signature(type(self).__init__).parameters
+        if "config" in parameters:
+            return {}
+        skip = {"self", *self.config.field_names()}
+        return {p: json_safe(getattr(self, p)) for p in parameters if p not in skip and hasattr(self, p)}
 
     def __repr__(self) -> str:
         defaults = type(self.config)()
