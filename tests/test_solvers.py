@@ -129,3 +129,16 @@ def test_solver_before_fit_and_lissa_fixed_scale(setup):
     x, diag = solver.solve(torch.ones(1, op.num_params, dtype=torch.float64))
     assert diag["scale"] == 50.0 and diag["converged"] and diag["max_relative_residual"] <= 1e-2
     assert isinstance(train, TensorDataset)
+
+
+def test_lissa_moves_up_the_scale_ladder_when_the_recursion_diverges(setup, monkeypatch):
+    import lightning_fimoda.solvers.lissa as lissa
+
+    monkeypatch.setattr(lissa, "SCALE_MARGIN", 0.3)  # 0.3·λ_max: the top eigen-direction diverges
+    model, train, test = setup
+    est = build_estimator("lissa", damping=0.5).fit(model, MSE, train)
+    scores = est.score(test)
+    tried, lam_max = est.info["lissa_scales_tried"], est.info["lissa_lambda_max"]
+    assert tried == pytest.approx([0.3 * lam_max, 0.6 * lam_max]) and est.info["lissa_scale"] == tried[-1]
+    cg = build_estimator("cg", damping=0.5, tol=1e-10).fit(model, MSE, train).score(test)
+    assert (row_cosine(scores, cg) > 0.999).all()
