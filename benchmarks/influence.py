@@ -258,7 +258,7 @@ def sequential_rows(seq: Sequential, fitted: dict[str, Row], args) -> dict[str, 
 
         def solve(st=st, matvec_h=matvec_h, k=k) -> Tensor:
             return per_test(
-                lambda g: seq.lissa(g, matvec_h, st["damping"], st["lissa_scale"], st["depth"], st["batch_size"],
+                lambda g: seq.lissa(g, matvec_h, st["damping"], st["lissa_scale"], st["solver"]["steps"], st["batch_size"],
                                     st["seed"]),
                 TensorDataset(*(t[:k] for t in seq.test.tensors)),
             )

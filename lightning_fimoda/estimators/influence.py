@@ -107,6 +107,13 @@ class InfluenceFunction(Estimator):
     def settings(self) -> dict[str, Any]:
         return {"estimator": self.name, **self.config.to_dict(), **self.solver.config.to_dict(), **self.info}
 
+    def __repr__(self) -> str:
+        shown = [repr(self.name)]
+        for config in (self.config, self.solver.config):
+            defaults = type(config)()
+            shown += [f"{k}={v!r}" for k, v in vars(config).items() if v != getattr(defaults, k)]
+        return f"InfluenceFunction({', '.join(shown)})"
+
     def _check(self, model: nn.Module, task: AttributionTask, train_dataset: Any, names: list[str]) -> None:
         params = dict(model.named_parameters())
         self.solver.check(sum(params[n].numel() for n in names))
