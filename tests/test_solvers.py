@@ -16,6 +16,7 @@ from lightning_fimoda.curvature import (
     available_curvatures,
     register_curvature,
 )
+from lightning_fimoda.curvature import types as curvature_types
 from lightning_fimoda.curvature.types import ExactHessian
 from lightning_fimoda.exceptions import ConfigurationError
 from lightning_fimoda.solvers import SOLVERS, CGSolver, LissaSolver, lanczos, ritz_pairs
@@ -65,14 +66,15 @@ def test_every_solver_inverts_the_damped_operator(setup, name):
     assert isinstance(diagnostics, dict)
 
 
-def test_a_registered_curvature_type_is_selectable_by_name():
-    if "doubled_exact" not in available_curvatures():
-        @register_curvature("doubled_exact")
-        class Doubled(ExactHessian):
-            def batch_product(self, op, batch, tangents):
-                return 2.0 * super().batch_product(op, batch, tangents)
+def test_a_registered_curvature_type_is_selectable_by_name(monkeypatch):
+    monkeypatch.setattr(curvature_types, "_CURVATURES", dict(curvature_types._CURVATURES))  # undone after
 
-        assert issubclass(Doubled, CurvatureType)
+    @register_curvature("doubled_exact")
+    class Doubled(ExactHessian):
+        def batch_product(self, op, batch, tangents):
+            return 2.0 * super().batch_product(op, batch, tangents)
+
+    assert issubclass(Doubled, CurvatureType) and "doubled_exact" in available_curvatures()
     model, train, test = make_mlp(d_in=3, hidden=3), make_regression(10, d_in=3), make_regression(3, d_in=3)
     doubled = build_estimator("explicit", hessian="doubled_exact", damping=1.0).fit(model, MSE, train).score(test)
     # (2H + 1·I)^{-1} = ½ (H + ½ I)^{-1}
