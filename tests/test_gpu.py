@@ -24,7 +24,14 @@ from lightning_fimoda import (
     attribute,
     per_sample_gradients,
 )
-from lightning_fimoda.gradients import streamed_products, streamed_sq_norms
+from lightning_fimoda.gradients import (
+    streamed_fisher_products,
+    streamed_gram,
+    streamed_layer_accumulate,
+    streamed_products,
+    streamed_sq_norms,
+    streamed_transposed_products,
+)
 from lightning_fimoda.profiling import PeakMemory
 from lightning_fimoda.projection import Projector
 
@@ -83,6 +90,29 @@ def test_streamed_products_on_cuda_equal_cpu_and_are_recomputed_within_the_budge
     assert got.device.type == CUDA.type and rel_err(got, expected) < 1e-12
     norms = streamed_sq_norms(stream)
     assert rel_err(norms, per_sample_gradients(model, MSE, train).flat.pow(2).sum(dim=1)) < 1e-12
+
+
+def test_streamed_products_of_a_cuda_stream_accept_cpu_operands():
+    model, train, test = regression()
+    stream = GradientCache().stream(copy.deepcopy(model).to(CUDA), MSE, train, torch.arange(len(train)))
+    g = per_sample_gradients(model, MSE, train).flat  # the CPU oracle [N, P]
+    t = per_sample_gradients(model, MSE, test, kind="measurement").flat  # [n_test, P], CPU
+    damping = dict.fromkeys(stream.layer_slices(), 0.1)
+    w = {name: 1.0 / (0.1 + g[:, sl].pow(2).sum(dim=1)) for name, sl in stream.layer_slices().items()}
+    checks = [
+        (streamed_products(stream, t.T), g @ t.T),
+        (streamed_transposed_products(stream, torch.full((len(train), 1), 1.0 / len(train), dtype=g.dtype)),
+         g.mean(dim=0, keepdim=True).T),
+        (streamed_fisher_products(stream, t), t @ g.T @ g),
+    ]
+    accumulated = streamed_layer_accumulate(stream, t, damping)
+    gram = streamed_gram(stream, t, t, damping)
+    for name, sl in stream.layer_slices().items():
+        gl = g[:, sl]
+        checks.append((accumulated[:, sl], ((t[:, sl] @ gl.T) * w[name]) @ gl))
+        checks.append((gram[name], ((t[:, sl] @ gl.T) * w[name]) @ (gl @ t[:, sl].T)))
+    for got, expected in checks:
+        assert got.device.type == CUDA.type and rel_err(got, expected) < 1e-10
 
 
 def test_projector_on_cuda_is_deterministic_and_chunking_independent():
