@@ -25,6 +25,7 @@ from lightning_fimoda import (
     per_sample_gradients,
 )
 from lightning_fimoda.gradients import (
+    available_memory,
     streamed_fisher_products,
     streamed_gram,
     streamed_layer_accumulate,
@@ -52,10 +53,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def assert_same_scores(on_cuda: torch.Tensor, on_cpu: torch.Tensor, tol: float = 1e-6) -> None:
+def assert_same_scores(on_cuda: torch.Tensor, on_cpu: torch.Tensor, tol: float = 1e-6, cos: float = 0.9999) -> None:
     assert on_cuda.shape == on_cpu.shape
     assert torch.isfinite(on_cuda).all()
-    assert row_cosine(on_cuda.detach().cpu().double(), on_cpu.double()).min() > 0.9999
+    assert row_cosine(on_cuda.detach().cpu().double(), on_cpu.double()).min() > cos
     assert rel_err(on_cuda, on_cpu) < tol
 
 
@@ -152,7 +153,10 @@ def test_estimator_on_cuda_equals_cpu(label, problem):
     spec = ESTIMATORS[label]
     cpu = attribute(model, task, train, test, [spec])[label]
     gpu = attribute(copy.deepcopy(model).to(CUDA), task, train, test, [spec])[label]
-    assert_same_scores(gpu, cpu, tol=1e-4 if label in ("ekfac", "trak") else 1e-6)
+    if label == "trak":  # traker's features are float32 whatever the model's dtype
+        assert_same_scores(gpu, cpu, tol=1e-2, cos=0.999)
+    else:
+        assert_same_scores(gpu, cpu, tol=1e-4 if label == "ekfac" else 1e-6)
 
 
 def test_projected_stream_on_cuda_tracks_exact_products():
@@ -165,6 +169,19 @@ def test_projected_stream_on_cuda_tracks_exact_products():
     projected = streamed_products(stream, proj.project(g_test).T)
     assert projected.device.type == CUDA.type and torch.isfinite(projected).all()
     assert row_cosine(projected.T.cpu(), exact.T.cpu()).min() > 0.9
+
+
+@pytest.mark.xfail(reason="kronfluence's State is a process-wide singleton: the first Analyzer fixes the "
+                   "device (audit: reset it in kronfluence_adapter._fit when the model's device differs)")
+def test_ekfac_follows_the_models_device_after_a_cpu_run():
+    pytest.importorskip("kronfluence")
+    from kronfluence.utils.state import State
+
+    model, train, test = regression()
+    spec = ESTIMATORS["ekfac"]
+    attribute(model, MSE, train, test, [spec])  # a CPU run first, in the same process
+    attribute(copy.deepcopy(model).to(CUDA), MSE, train, test, [spec])
+    assert State().device.type == CUDA.type
 
 
 # -- the gold standard ------------------------------------------------------------------------------------
@@ -190,7 +207,15 @@ def test_further_training_on_cuda_equals_cpu(engine):
         assert rel_err(gpu.scores(adjust), cpu.scores(adjust)) < 1e-9
 
 
-# -- peak memory -------------------------------------------------------------------------------------------
+# -- memory ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(CUDA.type != "cuda", reason="the CUDA caching allocator")
+def test_available_memory_counts_what_the_caching_allocator_holds_unused():
+    tmp = torch.empty(256 << 20, dtype=torch.uint8, device=CUDA)
+    del tmp  # 256 MiB back in torch's cache, not in the driver's free memory
+    free, _ = torch.cuda.mem_get_info(CUDA)
+    assert available_memory(CUDA) >= free + (256 << 20)
+
+
 @pytest.mark.skipif(CUDA.type != "cuda", reason="the CUDA allocator's peak")
 def test_peak_memory_reports_the_cuda_allocator_peak():
     keep = torch.zeros(4 << 20, device=CUDA)  # 16 MiB already allocated: not counted
