@@ -52,7 +52,7 @@ METHODS: dict[str, Callable[[Problem], dict]] = {
     "datainf": lambda p: {"name": "datainf", "damping_scale": 0.1},
     "ekfac": lambda p: {"name": "ekfac", "damping": p.settings["ekfac_damping"],
                         **({"params": p.settings["ekfac_params"]} if p.settings.get("ekfac_params") else {})},
-    "trak": lambda p: {"name": "trak", "proj_dim": p.settings["proj_dim"]},
+    "trak": lambda p: {"name": "trak", "proj_dim": p.settings["proj_dim"], "lambda_reg": 0.0},
 }
 
 

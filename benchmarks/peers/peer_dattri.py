@@ -121,8 +121,9 @@ def ekfac(p: Problem) -> Tensor:
 
 def trak(p: Problem) -> Tensor:
     from dattri.algorithm import TRAKAttributor
+    from dattri.task import AttributionTask
 
-    def output(params, data):  # model-output function: margin (classification) or prediction
+    def output(params, data):  # model-output function F: margin (classification) or prediction
         x, y = data
         out = torch.func.functional_call(p.model, params, (x.unsqueeze(0),))[0]
         if p.loss_kind == "mse":
@@ -130,16 +131,23 @@ def trak(p: Problem) -> Tensor:
         others = out.masked_fill(torch.nn.functional.one_hot(y, out.shape[-1]).bool(), float("-inf"))
         return out[y] - torch.logsumexp(others, dim=-1)
 
-    def correct_prob(params, data):  # Q = 1 - p; regression: Q = 1 (p = 0)
-        return torch.sigmoid(output(params, data)) if p.loss_kind != "mse" else output(params, data) * 0
+    def correct_prob(params, data):  # dattri weights train features by Q = 1 - "p"
+        if p.loss_kind == "mse":  # Q = ∂ℓ/∂o = 2(o - y), as in our TRAK: "p" = 1 - 2(o - y)
+            return 1 - 2 * (output(params, data) - data[1].sum())
+        return torch.sigmoid(output(params, data))  # sigmoid(margin) = p_y: Q = 1 - p_y
 
-    # dattri's TRAK output is on the margin (positive = raises the test margin = lowers its loss):
-    # SPEC §1's sign; scale differs (projection normalisation), cosine ignores it.
-    att = TRAKAttributor(_task(p, output), correct_probability_func=correct_prob,
+    # Train features ∇F, test features ∇ of the test loss (ours: f = loss) via target_func; no ridge
+    # (λ_reg = 0 on both sides, k < n). Regression: Q_j ∇F_j = g_j, so dattri gives + g_j K g_x = SPEC
+    # §1's sign. Classification: dattri's Q = 1 - p_j is minus ours (Q = ∂ℓ/∂m = -(1 - p_j)), so its
+    # scores are -τ: multiplied by -1 below. Random projections differ (same dimension).
+    task = AttributionTask(loss_func=output, model=p.model, target_func=p.functional_loss,
+                           checkpoints={k: v.detach() for k, v in p.model.state_dict().items()})
+    att = TRAKAttributor(task, correct_probability_func=correct_prob, regularization=0.0,
                          projector_kwargs={"proj_dim": p.settings["proj_dim"], "device": "cpu"})
     train, test = _loaders(p)
     att.cache(train)
-    return att.attribute(test).T  # TRAK's signature is attribute(test_loader, train_loader=None)
+    sign = -1.0 if p.loss_kind == "cross_entropy" else 1.0
+    return sign * att.attribute(test).T  # TRAK's signature is attribute(test_loader, train_loader=None)
 
 
 RUNNERS: dict[str, Callable[[Problem], Tensor]] = {
