@@ -34,3 +34,21 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) fimoda_runs
+
+# --- bench-peers (issue 17): lightning-fimoda vs dattri, pyDVL, captum, kronfluence -------------
+# The peers live in their own venv, .venv-bench: pyDVL 0.10.0 declares numpy<2, which our numpy>=2
+# excludes, so it is installed with --no-deps (its influence code runs on numpy 2; `pip check` then
+# lists only that pin and cvxpy, which pyDVL needs for data valuation, not influence).
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BENCH_VENV)/bin/pip install -q -e '.[dev,bench]'
+	$(BENCH_VENV)/bin/pip install -q --no-deps pydvl==0.10.0
+	touch $(BENCH_STAMP)
+
+.PHONY: bench-peers
+bench-peers: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m benchmarks.peers $(ARGS)
