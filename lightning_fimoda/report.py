@@ -288,7 +288,7 @@ class AttributionReport:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # clones: scores may share memory (views of one tensor), which safetensors refuses
-        tensors = {f"scores/{label}": s.detach().clone() for label, s in self.scores.items()}
+        tensors = {f"scores/{label}": s.detach().clone(memory_format=torch.contiguous_format) for label, s in self.scores.items()}
         tensors["train_indices"] = self.train_indices.contiguous()
         tensors["test_indices"] = self.test_indices.contiguous()
         if self.mislabeled is not None:

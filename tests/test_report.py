@@ -106,6 +106,16 @@ def test_save_load_round_trip_is_exact(tmp_path, gold):
     assert not other.equals(report)
 
 
+def test_save_accepts_transposed_and_shared_scores(tmp_path):
+    """A transposed score matrix (e.g. TRAK's) and two views of one tensor save and load exactly."""
+    base = rand(10, 4, seed=5)
+    scores = {"grad_dot": base.T, "cg (λ=0.1)": base.T[:, :]}
+    report = make_report(scores=scores)
+    report.save(tmp_path / "run")
+    loaded = AttributionReport.load(tmp_path / "run")
+    assert torch.equal(loaded.scores["grad_dot"], base.T) and torch.equal(loaded.scores["cg (λ=0.1)"], base.T)
+
+
 def test_fimoda_report_regenerates_identical_markdown_and_figures(tmp_path, capsys):
     report = make_report(make_gold())
     run_dir = report.save(tmp_path / "run")
