@@ -7,6 +7,7 @@ estimator is fitted, so registration stays cheap.
 from .base import Estimator
 from .datainf import DataInf
 from .first_order import GradCos, GradDot
+from .horizon import HorizonInfluence as HorizonInfluence
 from .influence import (
     ArnoldiInfluence,
     CGInfluence,

@@ -1,0 +1,280 @@
+"""Horizon-matched influence: the linearised leave-one-out further training at every checkpoint.
+
+``τ_t(j, x) = (1/n) g_xᵀ φ_t(H) g_j`` with ``φ_t(λ) = (1 − (1 − ηλ)^t)/λ`` (SGD, learning rate ``η``,
+``t`` optimizer steps; heavy-ball momentum has its own exact filter), derived in
+:mod:`lightning_fimoda.solvers.matrix_function` and ``docs/interpreting_scores.md``. ``t = 1`` is
+Grad-Dot ``· η/n``; ``t → ∞`` the undamped influence function; in between the horizon acts as damping
+``λ ≈ 1/(ηt)``. Scores are ``[n_checkpoints, n_test, n_train]``, checkpoint ``c`` taken after as many
+optimizer steps as the gold standard (:class:`~lightning_fimoda.FurtherTrainingLoop`) has taken at its
+checkpoint ``c`` with the same settings and training-set size ``n``.
+
+Two evaluations of ``φ_t(H) v``, for all checkpoints at once:
+
+- exact: ``H = U Λ Uᵀ`` from the dense matrix (``P ≤ 3000`` with ``exact="auto"``; the test oracle);
+- Krylov: one Lanczos run of ``krylov_steps`` per vector, vectorised over blocks of vectors, with the
+  :class:`~lightning_fimoda.curvature.CurvatureOperator` products (cached Gauss-Newton factor where it
+  fits). ``info["krylov_error"]`` is ``max ‖y_k − y_{k−δ}‖/‖y_k‖`` over vectors and checkpoints
+  (``δ = k // 4``): the change of the result over the last ``δ`` iterations.
+
+Solves run for the side with fewer vectors (usually the test gradients); ``φ_t(H)`` is symmetric.
+``leave_out="drop"`` is accepted and scored like ``subtract``: its first-order expectation over sample
+orders matches up to ``j``-independent terms (removed by the ``mean`` adjustment); see the results of
+``docs/interpreting_scores.md`` for the numerical check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._data import resolve_indices
+from ..curvature import CurvatureOperator
+from ..exceptions import ConfigurationError, NonFiniteError, NotFittedError
+from ..functional import FunctionalTask
+from ..further_training.optimizers import OptimizerConfig
+from ..further_training.spec import TrainingSpec
+from ..registry import register_estimator
+from ..solvers.matrix_function import (
+    MatVec,
+    horizon_filter,
+    krylov_coefficients,
+    lanczos,
+    largest_eigenvalue,
+    stability_limit,
+)
+from .base import Estimator
+
+__all__ = ["HorizonConfig", "HorizonInfluence", "horizon_scores_exact", "horizon_scores_krylov"]
+
+EXACT_MAX_PARAMS = 3000  # exact="auto": dense eigendecomposition up to this many parameters
+BLOCK_BYTES = 256 << 20  # Lanczos bases of one block of vectors
+_HESSIANS = {"gauss_newton": "gauss_newton", "exact": "true", "true": "true"}
+_LOOP_FIELDS = ("lr", "epochs", "steps", "batch_size", "eval_every", "momentum", "leave_out")
+
+
+@dataclass(frozen=True)
+class HorizonConfig:
+    """Every setting of the ``horizon`` estimator (validated on construction).
+
+    ``hessian``: ``"gauss_newton"`` or ``"exact"`` (the true Hessian; aliases ``"true"``, ``True``),
+    stored as the :class:`CurvatureOperator` name. ``exact``: ``"auto"`` (dense when ``P ≤ 3000``),
+    ``True`` or ``False``. The rest mirror :class:`~lightning_fimoda.FurtherTrainingLoop` (SGD only).
+    """
+
+    lr: float
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 128
+    eval_every: str | int = "epoch"
+    momentum: float = 0.0
+    leave_out: str = "subtract"
+    hessian: str = "gauss_newton"
+    krylov_steps: int = 64
+    exact: str | bool = "auto"
+    chunk_size: int = 512
+
+    def __post_init__(self) -> None:
+        hessian = "true" if self.hessian is True else self.hessian
+        if not isinstance(hessian, str) or hessian not in _HESSIANS:
+            raise ConfigurationError(
+                f"hessian must be 'gauss_newton' or 'exact' (aliases 'true', True), got {self.hessian!r}."
+            )
+        object.__setattr__(self, "hessian", _HESSIANS[hessian])
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
+                and self.lr > 0):
+            raise ConfigurationError(f"lr must be a finite number > 0, got {self.lr!r}.")
+        try:
+            self.training_spec(None)
+        except ValueError as err:
+            raise ConfigurationError(str(err)) from err
+        if not (isinstance(self.krylov_steps, int) and self.krylov_steps >= 2):
+            raise ConfigurationError(f"krylov_steps must be an integer >= 2, got {self.krylov_steps!r}.")
+        if self.exact not in ("auto", True, False):
+            raise ConfigurationError(f"exact must be 'auto', True or False, got {self.exact!r}.")
+        if not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
+            raise ConfigurationError(f"chunk_size must be a positive integer, got {self.chunk_size!r}.")
+
+    @classmethod
+    def from_loop(cls, loop: Any, **settings: Any) -> HorizonConfig:
+        """The further-training settings of a :class:`~lightning_fimoda.FurtherTrainingLoop` (SGD,
+        no weight decay or clipping: the linearisation models nothing else) plus ``settings``."""
+        opt = loop.optimizer
+        if opt.name != "sgd" or opt.weight_decay or loop.grad_clip is not None:
+            raise ConfigurationError(
+                f"horizon models plain SGD further training (momentum allowed); the loop uses optimizer="
+                f"{opt.name!r}, weight_decay={opt.weight_decay}, grad_clip={loop.grad_clip}."
+            )
+        copied = dict(lr=opt.lr, epochs=loop.epochs, steps=loop.steps, batch_size=loop.batch_size,
+                      eval_every=loop.eval_every, momentum=opt.momentum, leave_out=loop.leave_out)
+        return cls(**copied, **settings)
+
+    def training_spec(self, n: int | None) -> TrainingSpec:
+        """The gold standard's :class:`TrainingSpec` for ``n`` training examples (``None``: unchecked)."""
+        opt = OptimizerConfig("sgd", self.lr, momentum=self.momentum)
+        return TrainingSpec(opt, n, self.batch_size, self.epochs, self.steps, self.eval_every, self.leave_out, None)
+
+    def checkpoint_steps(self, n: int) -> list[int]:
+        """Optimizer steps the full run has taken at each checkpoint of the gold standard."""
+        spec = self.training_spec(n)
+        if spec.eval_every == "epoch":
+            return [e * spec.steps_per_epoch(excluded=False) for e in spec.checkpoints]
+        return spec.checkpoints
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def horizon_scores_exact(evals: Tensor, evecs: Tensor, g_test: Tensor, g_train: Tensor, steps: Sequence[int],
+                         lr: float, momentum: float, n: int) -> Tensor:
+    """``(1/n) g_x U φ_t(Λ) Uᵀ g_j`` ``[C, n_test, n_train]`` from ``H = U diag(evals) Uᵀ`` (float64)."""
+    phi = horizon_filter(evals, steps, lr, momentum)  # [C, P]
+    left = g_test.to(torch.float64) @ evecs  # [T, P]
+    right = g_train.to(torch.float64) @ evecs  # [N, P]
+    return torch.einsum("tp,cp,np->ctn", left, phi, right) / n
+
+
+def horizon_scores_krylov(matvec: MatVec, g_solve: Tensor, g_other: Tensor, steps: Sequence[int], lr: float,
+                          momentum: float, n: int, krylov_steps: int,
+                          block_bytes: int = BLOCK_BYTES) -> tuple[Tensor, dict[str, Any]]:
+    """``(1/n) (φ_t(H) g_solve) · g_other`` ``[C, n_solve, n_other]`` by Lanczos, blocks of ``g_solve`` rows.
+
+    Returns the scores (float64) and diagnostics: ``krylov_error`` (max relative change of
+    ``φ_t(H) v`` over the last ``δ = k // 4`` iterations), ``krylov_error_per_checkpoint`` and
+    ``ritz_max`` (largest Ritz value seen).
+    """
+    p = g_solve.shape[1]
+    k = max(2, min(krylov_steps, p))
+    block = max(1, block_bytes // (k * p * g_solve.element_size()))
+    delta = max(1, k // 4)
+    filt = lambda theta: horizon_filter(theta, steps, lr, momentum)  # noqa: E731
+    out, errors, ritz_max = [], [], -math.inf
+    for start in range(0, g_solve.shape[0], block):
+        lz = lanczos(matvec, g_solve[start : start + block], k)
+        coef = krylov_coefficients(lz, filt)  # [C, b, k]
+        coarse = krylov_coefficients(lz, filt, lz.steps - delta)
+        diff = coef.clone()
+        diff[..., : coarse.shape[2]] -= coarse
+        errors.append(diff.norm(dim=2) / coef.norm(dim=2).clamp_min(torch.finfo(torch.float64).tiny))
+        ritz_max = max(ritz_max, float(torch.linalg.eigvalsh(lz.tridiagonal()).max()))
+        projected = (lz.basis @ g_other.T).to(torch.float64)  # [b, k, N]
+        out.append(torch.einsum("cbk,bkn->cbn", coef, projected) / n)
+    err = torch.cat(errors, dim=1).amax(dim=1)  # [C]
+    info = {"krylov_error": float(err.max()), "krylov_error_per_checkpoint": err.tolist(), "ritz_max": ritz_max}
+    return torch.cat(out, dim=1), info
+
+
+@register_estimator("horizon")
+class HorizonInfluence(Estimator):
+    """``τ_t(j, x) = (1/n) g_xᵀ φ_t(H) g_j`` at every further-training checkpoint ``[C, n_test, n_train]``.
+
+    Args:
+        lr, epochs / steps, batch_size, eval_every, momentum, leave_out: the further training to match
+            (as :class:`~lightning_fimoda.FurtherTrainingLoop`); or ``gold``: a loop to copy them from.
+        hessian: ``"gauss_newton"`` (default) or ``"exact"`` (true Hessian; aliases ``"true"``, ``True``).
+        krylov_steps: Lanczos iterations per vector. exact: ``"auto"``, ``True`` (dense) or ``False``.
+        chunk_size: training examples per forward pass in curvature products.
+        params, label: see :class:`~lightning_fimoda.Estimator`.
+
+    Raises :class:`~lightning_fimoda.exceptions.ConfigurationError` in ``fit`` (before any solve) when
+    ``ηλ_max ≥ 2(1 + β)``: the linearised further training diverges. ``info`` reports
+    ``checkpoint_steps``, ``lambda_max``, ``eta_lambda_max``, ``path`` (``"exact"``/``"krylov"``),
+    ``curvature_products`` and, on the Krylov path, the error estimate.
+    """
+
+    checkpoint_indexed: ClassVar[bool] = True
+
+    def __init__(self, *, lr: float | None = None, epochs: int | None = None, steps: int | None = None,
+                 batch_size: int | None = None, eval_every: str | int | None = None, gold: Any = None,
+                 hessian: str | bool = "gauss_newton", momentum: float | None = None, leave_out: str | None = None,
+                 krylov_steps: int = 64, exact: str | bool = "auto", chunk_size: int = 512,
+                 params: Sequence[str] | None = None, label: str | None = None) -> None:
+        super().__init__(params=params, label=label)
+        given = {k: v for k, v in dict(lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
+                                       eval_every=eval_every, momentum=momentum, leave_out=leave_out).items()
+                 if v is not None}
+        common = dict(hessian=hessian, krylov_steps=krylov_steps, exact=exact, chunk_size=chunk_size)
+        if gold is not None:
+            if given:
+                raise ConfigurationError(f"horizon: give gold= or {sorted(given)}, not both.")
+            self.config = HorizonConfig.from_loop(gold, **common)
+        else:
+            if lr is None:
+                raise ConfigurationError("horizon needs lr= (and epochs= or steps=), or gold=<FurtherTrainingLoop>.")
+            self.config = HorizonConfig(**given, **common)
+
+    def settings(self) -> dict[str, Any]:
+        return {"estimator": self.name, **self.config.to_dict(), "params": self.params, "label": self._label,
+                **self.info}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    def score(self, test_dataset: Any, test_indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Scores ``[n_checkpoints, n_test, n_train_scored]`` (CPU), positive = helpful."""
+        if not self._fitted:
+            raise NotFittedError(f"{type(self).__name__}.score() called before fit().")
+        idx = resolve_indices(test_dataset, test_indices, "test")
+        scores = self._score(test_dataset, idx)
+        expected = (len(self.checkpoint_steps_), idx.numel(), self.train_indices_.numel())
+        if tuple(scores.shape) != expected:
+            raise RuntimeError(f"{self.label}: scores have shape {tuple(scores.shape)}, expected {expected}.")
+        if not torch.isfinite(scores).all():
+            raise NonFiniteError(f"{self.label}: non-finite attribution scores.")
+        return scores.detach().cpu()
+
+    # -- fitting and scoring ------------------------------------------------------------------------
+    def _fit(self) -> None:
+        cfg = self.config
+        self._train_flat = self.train_gradients().flat
+        fn = FunctionalTask(self.model_, self.task_, self.params)
+        self.operator_ = CurvatureOperator(
+            fn, self.train_dataset_, None, hessian=cfg.hessian, batch_size=cfg.chunk_size
+        )
+        op = self.operator_
+        self.checkpoint_steps_ = cfg.checkpoint_steps(op.n)
+        exact = cfg.exact is True or (cfg.exact == "auto" and op.num_params <= EXACT_MAX_PARAMS)
+        self.info.update(checkpoint_steps=self.checkpoint_steps_, path="exact" if exact else "krylov",
+                         curvature_products=op.products)
+        if exact:
+            evals, self._evecs = torch.linalg.eigh(op.dense().to(torch.float64))
+            self._evals = evals
+            lam_max = float(evals.max())
+        else:
+            lam_max = largest_eigenvalue(op.curvature, op.num_params, op.dtype, op.device)
+        self._check_stable(lam_max, "lambda_max")
+
+    def _check_stable(self, lam_max: float, key: str) -> None:
+        cfg = self.config
+        self.info[key] = lam_max
+        self.info["eta_" + key] = cfg.lr * lam_max
+        limit = stability_limit(cfg.lr, cfg.momentum)
+        if lam_max >= limit:
+            raise ConfigurationError(
+                f"{self.label}: lr * lambda_max = {cfg.lr * lam_max:.4g} >= 2(1 + momentum) = "
+                f"{2 * (1 + cfg.momentum):.4g}: the linearised further training diverges along the top "
+                f"curvature direction (lambda_max = {lam_max:.4g}). Lower lr below {limit / lam_max * cfg.lr:.3g}."
+            )
+
+    def _score(self, test_dataset: Any, test_indices: Tensor) -> Tensor:
+        cfg, n = self.config, self.operator_.n
+        g_test = self.test_gradients(test_dataset, test_indices).flat
+        g_train = self._train_flat
+        if self.info["path"] == "exact":
+            scores = horizon_scores_exact(self._evals, self._evecs, g_test, g_train, self.checkpoint_steps_,
+                                          cfg.lr, cfg.momentum, n)
+            return scores.to(g_test.dtype)
+        solve_test = g_test.shape[0] <= g_train.shape[0]
+        self.info["solved_for"] = "test" if solve_test else "train"
+        solve, other = (g_test, g_train) if solve_test else (g_train, g_test)
+        scores, diagnostics = horizon_scores_krylov(
+            self.operator_.curvature, solve, other, self.checkpoint_steps_, cfg.lr, cfg.momentum, n,
+            cfg.krylov_steps,
+        )
+        self.info.update(diagnostics)
+        self._check_stable(max(self.info["lambda_max"], diagnostics["ritz_max"]), "lambda_max")
+        return (scores if solve_test else scores.transpose(1, 2)).to(g_test.dtype)

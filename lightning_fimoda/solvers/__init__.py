@@ -1,0 +1,1 @@
+"""Solvers that apply functions of the curvature operator to vectors."""
