@@ -137,16 +137,17 @@ def lanczos(matvec: MatVec, v: Tensor, steps: int) -> LanczosBasis:
     for j in range(steps):
         q = basis[:, j]
         w = matvec(q)
-        alpha[:, j] = (q * w).sum(dim=1)
+        alpha[:, j] = torch.linalg.vecdot(q, w)
         scale = torch.maximum(scale, alpha[:, j].abs())
         if j + 1 == steps:
             break
+        done = basis[:, : j + 1]
         for _ in range(2):  # classical Gram–Schmidt against the whole basis, twice
-            w = w - torch.einsum("bk,bkp->bp", torch.einsum("bkp,bp->bk", basis[:, : j + 1], w), basis[:, : j + 1])
+            w = w - torch.bmm(torch.bmm(done, w.unsqueeze(2)).transpose(1, 2), done).squeeze(1)
         nrm = w.norm(dim=1)
-        alive = nrm > 1e3 * torch.finfo(v.dtype).eps * scale.clamp_min(tiny)
-        beta[:, j] = torch.where(alive, nrm, torch.zeros_like(nrm))
-        basis[:, j + 1] = torch.where(alive.unsqueeze(1), w / nrm.clamp_min(tiny).unsqueeze(1), torch.zeros_like(w))
+        alive = (nrm > 1e3 * torch.finfo(v.dtype).eps * scale.clamp_min(tiny)).to(v.dtype)
+        beta[:, j] = nrm * alive
+        basis[:, j + 1] = w * (alive / nrm.clamp_min(tiny)).unsqueeze(1)
         scale = torch.maximum(scale, beta[:, j])
     return LanczosBasis(basis, alpha, beta, norms)
 
