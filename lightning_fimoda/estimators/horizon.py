@@ -17,9 +17,9 @@ Two evaluations of ``φ_t(H) v``, for all checkpoints at once:
   (``δ = k // 4``): the change of the result over the last ``δ`` iterations.
 
 Solves run for the side with fewer vectors (usually the test gradients); ``φ_t(H)`` is symmetric.
-``leave_out="drop"`` is accepted and scored like ``subtract``: its first-order expectation over sample
-orders matches up to ``j``-independent terms (removed by the ``mean`` adjustment); see the results of
-``docs/interpreting_scores.md`` for the numerical check.
+``leave_out="drop"`` is scored like ``subtract``: averaged over sample orders it injects the same ``η/n``
+per step to first order, up to ``j``-independent terms that the ``mean`` adjustment removes (checked
+numerically on least squares with mini-batch SGD: ``docs/interpreting_scores.md``).
 """
 
 from __future__ import annotations
