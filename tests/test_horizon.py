@@ -56,14 +56,14 @@ def problem():
     return model, make_regression(12, d_in=3, seed=1), make_regression(4, d_in=3, seed=2)
 
 
-@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("exact", ["dense", "low_rank", False])
 def test_equals_dense_eigendecomposition(problem, exact):
     model, train, test = problem
     scores, est = horizon(model, train, test, lr=0.05, steps=40, eval_every=7, batch_size=4, exact=exact,
                           krylov_steps=26)
     assert est.info["checkpoint_steps"] == [7, 14, 21, 28, 35, 40]
     want = oracle(model, train, test, [7, 14, 21, 28, 35, 40], 0.05)
-    assert est.info["path"] == ("exact" if exact else "krylov")
+    assert est.info["path"] == (exact or "krylov")
     assert (scores - want).abs().max() <= 1e-8 * want.abs().max()
     if not exact:
         assert est.info["krylov_error"] < 1e-6
@@ -144,7 +144,7 @@ def test_momentum_filter_equals_a_linear_recursion(problem):
     for _ in range(20):
         prev, d = d, d - lr * (h @ d - g_train.T / n) + beta * (d - prev)
         want.append(g_test @ d)
-    for exact in (True, False):
+    for exact in ("dense", "low_rank", False):
         scores, _ = horizon(model, train, test, lr=lr, steps=20, eval_every=1, batch_size=4, momentum=beta,
                             exact=exact, krylov_steps=26)
         assert (scores - torch.stack(want)).abs().max() <= 1e-8 * scores.abs().max()
@@ -159,8 +159,11 @@ def test_krylov_matches_exact_on_the_benchmark_mlp():
     model = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
     train, test = (make_regression(n, d_in=8, seed=s, dtype=torch.float32) for n, s in ((128, 1), (4, 2)))
     lr, steps = 0.01, [2 * e for e in range(1, 41)]  # 40 epochs of batch 64 over n = 128: t up to 80 > k
-    est = build_estimator("horizon", lr=lr, epochs=40, batch_size=64, krylov_steps=40)
+    est = build_estimator("horizon", lr=lr, epochs=40, batch_size=64, krylov_steps=40, exact=False)
     scores = est.fit(model, TASK, train).score(test)
+    auto = build_estimator("horizon", lr=lr, epochs=40, batch_size=64)  # R = 128 factor rows: exact, low rank
+    low_rank = auto.fit(model, TASK, train).score(test)
+    assert auto.info["path"] == "low_rank"
     assert est.info["path"] == "krylov" and est.info["checkpoint_steps"] == steps
     m64 = model.double()
     params = {k: v.detach() for k, v in m64.named_parameters()}
@@ -175,6 +178,7 @@ def test_krylov_matches_exact_on_the_benchmark_mlp():
     want = (base + low) / len(train)
     for c in (0, 9, 19, 39):
         assert row_cosine(scores[c].double(), want[c]).min() > 0.999
+        assert row_cosine(low_rank[c].double(), want[c]).min() > 0.99999
     assert est.info["krylov_error"] < 1e-2
 
 
@@ -192,7 +196,7 @@ def test_bad_settings_raise_clearly(problem):
     sgd = FurtherTrainingLoop(TASK, lr=1e-3, epochs=1, progress=False)
     with pytest.raises(ConfigurationError, match="not both"):
         build_estimator("horizon", gold=sgd, lr=0.1)
-    for exact in (True, False):
+    for exact in ("dense", "low_rank", False):
         est = build_estimator("horizon", lr=100.0, epochs=2, exact=exact, chunk_size=CHUNK)
         with pytest.raises(ConfigurationError, match="diverges"):
             est.fit(model, TASK, train)

@@ -10,7 +10,11 @@ checkpoint ``c`` with the same settings and training-set size ``n``.
 
 Two evaluations of ``φ_t(H) v``, for all checkpoints at once:
 
-- exact: ``H = U Λ Uᵀ`` from the dense matrix (``P ≤ 3000`` with ``exact="auto"``; the test oracle);
+- exact, low rank: the Gauss-Newton matrix ``H = Gᵀ G / n`` from its cached factor rows ``G``
+  ``[R, P]`` (``R = n·O`` at most, see :class:`~lightning_fimoda.curvature.CurvatureOperator`) has the
+  nonzero eigenpairs of the Gram matrix ``G Gᵀ / n``; every other direction has ``λ = 0``. Exact for
+  any ``P``, chosen by ``exact="auto"`` when ``R ≤ 4000`` and ``R < P``;
+- exact, dense: ``H = U Λ Uᵀ`` from the dense matrix (``P ≤ 3000`` with ``exact="auto"``; the test oracle);
 - Krylov: one Lanczos run of ``krylov_steps`` per vector, vectorised over blocks of vectors, with the
   :class:`~lightning_fimoda.curvature.CurvatureOperator` products (cached Gauss-Newton factor where it
   fits). ``info["krylov_error"]`` is ``max ‖y_k − y_{k−δ}‖/‖y_k‖`` over vectors and checkpoints
@@ -49,9 +53,11 @@ from ..solvers.matrix_function import (
 )
 from .base import Estimator
 
-__all__ = ["HorizonConfig", "HorizonInfluence", "horizon_scores_exact", "horizon_scores_krylov"]
+__all__ = ["HorizonConfig", "HorizonInfluence", "horizon_scores_exact", "horizon_scores_krylov", "low_rank_spectrum"]
 
 EXACT_MAX_PARAMS = 3000  # exact="auto": dense eigendecomposition up to this many parameters
+LOW_RANK_MAX_ROWS = 4000  # exact="auto": low-rank Gauss-Newton spectrum up to this many factor rows
+EXACT_CHOICES = ("auto", True, False, "dense", "low_rank")
 BLOCK_BYTES = 256 << 20  # Lanczos bases of one block of vectors
 _HESSIANS = {"gauss_newton": "gauss_newton", "exact": "true", "true": "true"}
 _LOOP_FIELDS = ("lr", "epochs", "steps", "batch_size", "eval_every", "momentum", "leave_out")
@@ -62,8 +68,9 @@ class HorizonConfig:
     """Every setting of the ``horizon`` estimator (validated on construction).
 
     ``hessian``: ``"gauss_newton"`` or ``"exact"`` (the true Hessian; aliases ``"true"``, ``True``),
-    stored as the :class:`CurvatureOperator` name. ``exact``: ``"auto"`` (dense when ``P ≤ 3000``),
-    ``True`` or ``False``. The rest mirror :class:`~lightning_fimoda.FurtherTrainingLoop` (SGD only).
+    stored as the :class:`CurvatureOperator` name. ``exact``: ``"auto"`` (low rank or dense where
+    they apply, see the module docstring, else Krylov), ``True`` (low rank or dense), ``"low_rank"``,
+    ``"dense"`` or ``False`` (Krylov). The rest mirror :class:`~lightning_fimoda.FurtherTrainingLoop` (SGD only).
     """
 
     lr: float
@@ -94,8 +101,8 @@ class HorizonConfig:
             raise ConfigurationError(str(err)) from err
         if not (isinstance(self.krylov_steps, int) and self.krylov_steps >= 2):
             raise ConfigurationError(f"krylov_steps must be an integer >= 2, got {self.krylov_steps!r}.")
-        if self.exact not in ("auto", True, False):
-            raise ConfigurationError(f"exact must be 'auto', True or False, got {self.exact!r}.")
+        if not any(self.exact is c or (isinstance(c, str) and self.exact == c) for c in EXACT_CHOICES):
+            raise ConfigurationError(f"exact must be one of {EXACT_CHOICES}, got {self.exact!r}.")
         if not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
             raise ConfigurationError(f"chunk_size must be a positive integer, got {self.chunk_size!r}.")
 
@@ -131,11 +138,25 @@ class HorizonConfig:
 
 def horizon_scores_exact(evals: Tensor, evecs: Tensor, g_test: Tensor, g_train: Tensor, steps: Sequence[int],
                          lr: float, momentum: float, n: int) -> Tensor:
-    """``(1/n) g_x U φ_t(Λ) Uᵀ g_j`` ``[C, n_test, n_train]`` from ``H = U diag(evals) Uᵀ`` (float64)."""
-    phi = horizon_filter(evals, steps, lr, momentum)  # [C, P]
-    left = g_test.to(torch.float64) @ evecs  # [T, P]
-    right = g_train.to(torch.float64) @ evecs  # [N, P]
-    return torch.einsum("tp,cp,np->ctn", left, phi, right) / n
+    """``(1/n) g_x φ_t(H) g_j`` ``[C, n_test, n_train]`` (float64) from eigenpairs ``H U = U diag(evals)``,
+    ``U`` ``[P, r]`` orthonormal; the orthogonal complement of ``U`` (when ``r < P``) has ``λ = 0``:
+    ``φ_t(H) = φ_t(0) I + U (φ_t(Λ) − φ_t(0)) Uᵀ``."""
+    phi = horizon_filter(evals, steps, lr, momentum)  # [C, r]
+    phi0 = horizon_filter(evals.new_zeros(1), steps, lr, momentum)  # [C, 1]
+    g_test, g_train = g_test.to(torch.float64), g_train.to(torch.float64)
+    left, right = g_test @ evecs, g_train @ evecs  # [T, r], [N, r]
+    ranged = torch.einsum("tr,cr,nr->ctn", left, phi - phi0, right)
+    return (ranged + phi0.view(-1, 1, 1) * (g_test @ g_train.T)) / n
+
+
+def low_rank_spectrum(rows: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Nonzero eigenpairs ``(evals [r], U [P, r])`` (float64) of ``H = Gᵀ G / n`` from ``G`` ``[R, P]``:
+    ``G Gᵀ / n = W Λ Wᵀ`` and ``U = Gᵀ W (nΛ)^{-1/2}``; eigenvalues below ``R·eps·λ_max`` are dropped."""
+    g = rows.to(torch.float64)
+    evals, w = torch.linalg.eigh(g @ g.T / n)
+    keep = evals > g.shape[0] * torch.finfo(torch.float64).eps * evals.abs().max().clamp_min(1e-300)
+    evals, w = evals[keep], w[:, keep]
+    return evals, g.T @ (w / (n * evals).sqrt())
 
 
 def horizon_scores_krylov(matvec: MatVec, g_solve: Tensor, g_other: Tensor, steps: Sequence[int], lr: float,
@@ -176,13 +197,15 @@ class HorizonInfluence(Estimator):
         lr, epochs / steps, batch_size, eval_every, momentum, leave_out: the further training to match
             (as :class:`~lightning_fimoda.FurtherTrainingLoop`); or ``gold``: a loop to copy them from.
         hessian: ``"gauss_newton"`` (default) or ``"exact"`` (true Hessian; aliases ``"true"``, ``True``).
-        krylov_steps: Lanczos iterations per vector. exact: ``"auto"``, ``True`` (dense) or ``False``.
+        krylov_steps: Lanczos iterations per vector. exact: ``"auto"``, ``True``, ``"low_rank"``,
+            ``"dense"`` or ``False`` (see :class:`HorizonConfig`).
         chunk_size: training examples per forward pass in curvature products.
         params, label: see :class:`~lightning_fimoda.Estimator`.
 
     Raises :class:`~lightning_fimoda.exceptions.ConfigurationError` in ``fit`` (before any solve) when
     ``ηλ_max ≥ 2(1 + β)``: the linearised further training diverges. ``info`` reports
-    ``checkpoint_steps``, ``lambda_max``, ``eta_lambda_max``, ``path`` (``"exact"``/``"krylov"``),
+    ``checkpoint_steps``, ``lambda_max``, ``eta_lambda_max``, ``path`` (``"low_rank"``, ``"dense"``,
+    ``"krylov"``),
     ``curvature_products`` and, on the Krylov path, the error estimate.
     """
 
@@ -237,16 +260,33 @@ class HorizonInfluence(Estimator):
         )
         op = self.operator_
         self.checkpoint_steps_ = cfg.checkpoint_steps(op.n)
-        exact = cfg.exact is True or (cfg.exact == "auto" and op.num_params <= EXACT_MAX_PARAMS)
-        self.info.update(checkpoint_steps=self.checkpoint_steps_, path="exact" if exact else "krylov",
-                         curvature_products=op.products)
-        if exact:
-            evals, self._evecs = torch.linalg.eigh(op.dense().to(torch.float64))
-            self._evals = evals
-            lam_max = float(evals.max())
-        else:
+        path = self._choose_path(op)
+        self.info.update(checkpoint_steps=self.checkpoint_steps_, path=path, curvature_products=op.products)
+        if path == "krylov":
             lam_max = largest_eigenvalue(op.curvature, op.num_params, op.dtype, op.device)
+        else:
+            if path == "low_rank":
+                self._evals, self._evecs = low_rank_spectrum(op._cached_jacobians().rows, op.n)
+            else:
+                self._evals, self._evecs = torch.linalg.eigh(op.dense().to(torch.float64))
+            lam_max = float(self._evals.max()) if self._evals.numel() else 0.0
         self._check_stable(lam_max, "lambda_max")
+
+    def _choose_path(self, op: CurvatureOperator) -> str:
+        """``"low_rank"``, ``"dense"`` or ``"krylov"`` from ``config.exact`` and the problem's size."""
+        want = self.config.exact
+        factor = op._cached_jacobians() if want is not False and want != "dense" else None
+        low_rank = factor is not None and bool((factor.sign > 0).all()) and factor.rows.shape[0] < op.num_params
+        if want == "low_rank" and not low_rank:
+            raise ConfigurationError(
+                f"{self.label}: exact='low_rank' needs the cached Gauss-Newton factor (hessian='gauss_newton', "
+                "within the Jacobian budget) with fewer rows than parameters and a convex output loss."
+            )
+        if low_rank and (want in (True, "low_rank") or factor.rows.shape[0] <= LOW_RANK_MAX_ROWS):
+            return "low_rank"
+        if want in (True, "dense") or (want == "auto" and op.num_params <= EXACT_MAX_PARAMS):
+            return "dense"
+        return "krylov"
 
     def _check_stable(self, lam_max: float, key: str) -> None:
         cfg = self.config
@@ -264,7 +304,7 @@ class HorizonInfluence(Estimator):
         cfg, n = self.config, self.operator_.n
         g_test = self.test_gradients(test_dataset, test_indices).flat
         g_train = self._train_flat
-        if self.info["path"] == "exact":
+        if self.info["path"] != "krylov":
             scores = horizon_scores_exact(self._evals, self._evecs, g_test, g_train, self.checkpoint_steps_,
                                           cfg.lr, cfg.momentum, n)
             return scores.to(g_test.dtype)
