@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import TensorDataset
 
-from lightning_fimoda import FurtherTrainingLoop, SupervisedTask, build_estimator
+from lightning_fimoda import FurtherTrainingLoop, SupervisedTask, attribute, build_estimator
 from lightning_fimoda.estimators.horizon import HorizonConfig
 from lightning_fimoda.exceptions import ConfigurationError
 from lightning_fimoda.solvers.matrix_function import horizon_filter
@@ -212,3 +212,12 @@ def test_settings_copied_from_the_gold_standard_loop(problem):
     assert est.info["checkpoint_steps"] == [3, 6, 9]  # ceil(12 / 5) = 3 steps per epoch
     assert est.score(test).shape == (3, 4, 12)
     assert est.settings()["hessian"] == "true" and est.settings()["lr"] == 0.05
+
+
+def test_attribute_returns_checkpoint_indexed_scores(problem):
+    model, train, test = problem
+    settings = dict(lr=0.05, epochs=2, batch_size=4, chunk_size=CHUNK)
+    out = attribute(model, TASK, train, test, [build_estimator("horizon", **settings), "grad_dot"])
+    direct = build_estimator("horizon", **settings).fit(model, TASK, train).score(test)
+    assert out["horizon"].shape == (2, 4, 12) and out["grad_dot"].shape == (4, 12)
+    torch.testing.assert_close(out["horizon"], direct, rtol=1e-12, atol=0.0)
