@@ -37,6 +37,10 @@ def train_final_model(data_dir: str) -> tuple[MLP, EnergyDataModule]:
     return model.eval(), data
 
 
+def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).min()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data")
@@ -73,8 +77,12 @@ def main() -> None:
             cells.append(f"{cos.mean:.3f} ± {cos.sem:.3f}")
         print(f"| {est.label} | {' | '.join(cells)} | {seconds:.1f} |")
         if est.name == "horizon":
-            print(f"|   ({est.info['path']}: eta*lambda_max {est.info['eta_lambda_max']:.3f}, "
-                  f"krylov_error {est.info.get('krylov_error', 0.0):.1e}) |")
+            extra = {k: est.info[k] for k in ("krylov_error", "krylov_dimension") if k in est.info}
+            print(f"|   ({est.info['path']}: eta*lambda_max {est.info['eta_lambda_max']:.3f} {extra}) |")
+            if est.info["path"] == "krylov":
+                krylov = scores
+            else:
+                print(f"|   (krylov vs exact: min cosine {float(_min_cosine(krylov, scores)):.6f}) |")
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
 
 

@@ -165,15 +165,17 @@ def horizon_scores_krylov(matvec: MatVec, g_solve: Tensor, g_other: Tensor, step
     """``(1/n) (φ_t(H) g_solve) · g_other`` ``[C, n_solve, n_other]`` by Lanczos, blocks of ``g_solve`` rows.
 
     Returns the scores (float64) and diagnostics: ``krylov_error`` (max relative change of
-    ``φ_t(H) v`` over the last ``δ = k // 4`` iterations), ``krylov_error_per_checkpoint`` and
-    ``ritz_max`` (largest Ritz value seen).
+    ``φ_t(H) v`` over the last ``δ = k // 4`` iterations), ``krylov_error_per_checkpoint``,
+    ``ritz_max`` (largest Ritz value seen) and ``krylov_dimension`` (``[min, max]`` over vectors of the
+    Krylov space's dimension: below ``k`` where a run found an invariant subspace, ``β_j ≤ 1e3·eps·‖T‖``;
+    the error estimate is then 0 if that happened before ``k − δ``).
     """
     p = g_solve.shape[1]
     k = max(2, min(krylov_steps, p))
     block = max(1, block_bytes // (k * p * g_solve.element_size()))
     delta = max(1, k // 4)
     filt = lambda theta: horizon_filter(theta, steps, lr, momentum)  # noqa: E731
-    out, errors, ritz_max = [], [], -math.inf
+    out, errors, dims, ritz_max = [], [], [], -math.inf
     for start in range(0, g_solve.shape[0], block):
         lz = lanczos(matvec, g_solve[start : start + block], k)
         coef = krylov_coefficients(lz, filt)  # [C, b, k]
@@ -182,10 +184,13 @@ def horizon_scores_krylov(matvec: MatVec, g_solve: Tensor, g_other: Tensor, step
         diff[..., : coarse.shape[2]] -= coarse
         errors.append(diff.norm(dim=2) / coef.norm(dim=2).clamp_min(torch.finfo(torch.float64).tiny))
         ritz_max = max(ritz_max, float(torch.linalg.eigvalsh(lz.tridiagonal()).max()))
+        dims.append(1 + (lz.beta != 0).sum(dim=1))
         projected = (lz.basis @ g_other.T).to(torch.float64)  # [b, k, N]
         out.append(torch.einsum("cbk,bkn->cbn", coef, projected) / n)
     err = torch.cat(errors, dim=1).amax(dim=1)  # [C]
-    info = {"krylov_error": float(err.max()), "krylov_error_per_checkpoint": err.tolist(), "ritz_max": ritz_max}
+    dims = torch.cat(dims)
+    info = {"krylov_error": float(err.max()), "krylov_error_per_checkpoint": err.tolist(), "ritz_max": ritz_max,
+            "krylov_dimension": [int(dims.min()), int(dims.max())]}
     return torch.cat(out, dim=1), info
 
 
