@@ -1,13 +1,14 @@
 """Cost of the ``horizon`` estimator (Krylov and exact paths) beside ``cg`` on the Concrete-sized MLP.
 
 Problem (as ``benchmarks/influence.py``): 927 training × 103 test examples, 8 features, an 8-128-128-1
-ReLU MLP with MSE (float32, P = 17,921), synthetic data, model trained briefly. ``horizon`` matches a
+ReLU MLP with MSE (float32, P = 17,793), synthetic data, model trained briefly. ``horizon`` matches a
 further training of SGD lr 3e-2, batch 128, 20 epochs (20 checkpoints from one Lanczos run per test
 vector); ``cg`` runs with its default damping and tolerance. Rows are timed interleaved (A, B, C, A,
 B, C, ...), each on a fresh gradient cache (per-sample gradients included), and the median of
-``--repeats`` rounds is reported. The exact path eigendecomposes the dense ``[P, P]`` matrix; it is
-timed on ``--exact-params`` (default: the last layer, P = 129), since at P = 17,921 it needs an
-O(P³) eigendecomposition of a 1.3 GB matrix.
+``--repeats`` rounds is reported. The exact low-rank path (what ``exact="auto"`` picks here: the
+Gauss-Newton factor has R = 927 rows < P) eigendecomposes the ``[R, R]`` Gram matrix. The exact dense
+path eigendecomposes the ``[P, P]`` matrix; it is timed on ``--exact-params`` (default: the last layer,
+P = 129), since at P = 17,793 it needs an O(P³) eigendecomposition of a 1.3 GB matrix.
 
     .venv/bin/python benchmarks/horizon.py [--repeats 3]
 
@@ -35,6 +36,7 @@ ROWS = {
     "horizon (krylov, k=64)": ("horizon", {"lr": 3e-2, "epochs": 20, "batch_size": 128, "exact": False}),
     "horizon (krylov, k=32)": ("horizon", {"lr": 3e-2, "epochs": 20, "batch_size": 128, "exact": False,
                                            "krylov_steps": 32}),
+    "horizon (exact, low rank)": ("horizon", {"lr": 3e-2, "epochs": 20, "batch_size": 128, "exact": "low_rank"}),
     "cg": ("cg", {}),
 }
 
@@ -85,8 +87,8 @@ def main() -> None:
     model, train, test = make_problem(927, 103)
     task = SupervisedTask("mse")
     rows = dict(ROWS)
-    rows[f"horizon (exact, params={args.exact_params})"] = (
-        "horizon", {"lr": 3e-2, "epochs": 20, "batch_size": 128, "exact": True, "params": args.exact_params})
+    rows[f"horizon (exact dense, params={args.exact_params})"] = (
+        "horizon", {"lr": 3e-2, "epochs": 20, "batch_size": 128, "exact": "dense", "params": args.exact_params})
     rows[f"cg (params={args.exact_params})"] = ("cg", {"params": args.exact_params})
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, P = "
           f"{sum(p.numel() for p in model.parameters())}, n_train 927, n_test 103, {args.repeats} rounds")

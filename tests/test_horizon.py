@@ -153,7 +153,7 @@ def test_momentum_filter_equals_a_linear_recursion(problem):
 
 
 def test_krylov_matches_exact_on_the_benchmark_mlp():
-    """8-128-128-1 (P = 17,921) float32: Krylov vs an exact low-rank eigendecomposition of the Gauss-Newton
+    """8-128-128-1 (P = 17,793) float32: Krylov vs an exact low-rank eigendecomposition of the Gauss-Newton
     matrix ``H = (2/n) Jᵀ J`` (from the Gram matrix ``J Jᵀ`` of the output Jacobian ``J`` ``[n, P]``, float64)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
