@@ -196,6 +196,8 @@ def test_bad_settings_raise_clearly(problem):
     sgd = FurtherTrainingLoop(TASK, lr=1e-3, epochs=1, progress=False)
     with pytest.raises(ConfigurationError, match="not both"):
         build_estimator("horizon", gold=sgd, lr=0.1)
+    with pytest.raises(ConfigurationError, match="low_rank"):  # the true Hessian has no Gauss-Newton factor
+        build_estimator("horizon", lr=0.1, epochs=1, hessian="exact", exact="low_rank").fit(model, TASK, train)
     for exact in ("dense", "low_rank", False):
         est = build_estimator("horizon", lr=100.0, epochs=2, exact=exact, chunk_size=CHUNK)
         with pytest.raises(ConfigurationError, match="diverges"):

@@ -56,6 +56,7 @@ from .base import Estimator
 __all__ = ["HorizonConfig", "HorizonInfluence", "horizon_scores_exact", "horizon_scores_krylov", "low_rank_spectrum"]
 
 EXACT_MAX_PARAMS = 3000  # exact="auto": dense eigendecomposition up to this many parameters
+DENSE_MAX_PARAMS = 20000  # refuse the dense path beyond this (a [P, P] float64 matrix of 3.2 GB)
 LOW_RANK_MAX_ROWS = 4000  # exact="auto": low-rank Gauss-Newton spectrum up to this many factor rows
 EXACT_CHOICES = ("auto", True, False, "dense", "low_rank")
 BLOCK_BYTES = 256 << 20  # Lanczos bases of one block of vectors
@@ -290,6 +291,11 @@ class HorizonInfluence(Estimator):
         if low_rank and (want in (True, "low_rank") or factor.rows.shape[0] <= LOW_RANK_MAX_ROWS):
             return "low_rank"
         if want in (True, "dense") or (want == "auto" and op.num_params <= EXACT_MAX_PARAMS):
+            if op.num_params > DENSE_MAX_PARAMS:
+                raise ConfigurationError(
+                    f"{self.label}: the dense exact path needs a [P, P] matrix with P = {op.num_params} > "
+                    f"{DENSE_MAX_PARAMS}; use exact='auto' or False (Krylov)."
+                )
             return "dense"
         return "krylov"
 
