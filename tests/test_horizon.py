@@ -60,7 +60,7 @@ def problem():
 def test_equals_dense_eigendecomposition(problem, exact):
     model, train, test = problem
     scores, est = horizon(model, train, test, lr=0.05, steps=40, eval_every=7, batch_size=4, exact=exact,
-                          krylov_steps=26)
+                          krylov_steps=26, krylov_tol=0.0)
     assert est.info["checkpoint_steps"] == [7, 14, 21, 28, 35, 40]
     want = oracle(model, train, test, [7, 14, 21, 28, 35, 40], 0.05)
     assert est.info["path"] == (exact or "krylov")
@@ -146,7 +146,7 @@ def test_momentum_filter_equals_a_linear_recursion(problem):
         want.append(g_test @ d)
     for exact in ("dense", "low_rank", False):
         scores, _ = horizon(model, train, test, lr=lr, steps=20, eval_every=1, batch_size=4, momentum=beta,
-                            exact=exact, krylov_steps=26)
+                            exact=exact, krylov_steps=26, krylov_tol=0.0)
         assert (scores - torch.stack(want)).abs().max() <= 1e-8 * scores.abs().max()
     lam = torch.tensor([0.0, 1.0, 10.0], dtype=torch.float64)
     torch.testing.assert_close(horizon_filter(lam, [1, 2], lr, beta)[1], lr * (2 + beta - lr * lam))
@@ -179,7 +179,7 @@ def test_krylov_matches_exact_on_the_benchmark_mlp():
     for c in (0, 9, 19, 39):
         assert row_cosine(scores[c].double(), want[c]).min() > 0.999
         assert row_cosine(low_rank[c].double(), want[c]).min() > 0.99999
-    assert est.info["krylov_error"] < 1e-2
+    assert est.info["krylov_error"] < 1e-6 and est.info["krylov_dimension"][1] < 40  # stopped early
 
 
 def test_bad_settings_raise_clearly(problem):

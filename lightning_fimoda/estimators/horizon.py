@@ -83,6 +83,7 @@ class HorizonConfig:
     leave_out: str = "subtract"
     hessian: str = "gauss_newton"
     krylov_steps: int = 64
+    krylov_tol: float = 1e-6
     exact: str | bool = "auto"
     chunk_size: int = 512
 
@@ -102,6 +103,8 @@ class HorizonConfig:
             raise ConfigurationError(str(err)) from err
         if not (isinstance(self.krylov_steps, int) and self.krylov_steps >= 2):
             raise ConfigurationError(f"krylov_steps must be an integer >= 2, got {self.krylov_steps!r}.")
+        if not (isinstance(self.krylov_tol, (int, float)) and 0 <= self.krylov_tol < 1):
+            raise ConfigurationError(f"krylov_tol must be a number in [0, 1), got {self.krylov_tol!r}.")
         if not any(self.exact is c or (isinstance(c, str) and self.exact == c) for c in EXACT_CHOICES):
             raise ConfigurationError(f"exact must be one of {EXACT_CHOICES}, got {self.exact!r}.")
         if not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
@@ -160,13 +163,24 @@ def low_rank_spectrum(rows: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return evals, g.T @ (w / (n * evals).sqrt())
 
 
+def _krylov_change(lz: Any, filt: Any, delta: int) -> tuple[Tensor, Tensor]:
+    """Coefficients ``[C, b, k]`` of ``f(H) v`` and their relative change ``[C, b]`` since ``k − δ`` steps."""
+    coef = krylov_coefficients(lz, filt)
+    coarse = krylov_coefficients(lz, filt, lz.steps - delta)
+    diff = coef.clone()
+    diff[..., : coarse.shape[2]] -= coarse
+    return coef, diff.norm(dim=2) / coef.norm(dim=2).clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def horizon_scores_krylov(matvec: MatVec, g_solve: Tensor, g_other: Tensor, steps: Sequence[int], lr: float,
-                          momentum: float, n: int, krylov_steps: int,
+                          momentum: float, n: int, krylov_steps: int, krylov_tol: float = 0.0,
                           block_bytes: int = BLOCK_BYTES) -> tuple[Tensor, dict[str, Any]]:
     """``(1/n) (φ_t(H) g_solve) · g_other`` ``[C, n_solve, n_other]`` by Lanczos, blocks of ``g_solve`` rows.
 
+    A block stops early (checked every 8 iterations, from 16 on) once ``φ_t(H) v`` changed by less than
+    ``krylov_tol`` (relative, every vector and checkpoint) over the last 8 iterations.
     Returns the scores (float64) and diagnostics: ``krylov_error`` (max relative change of
-    ``φ_t(H) v`` over the last ``δ = k // 4`` iterations), ``krylov_error_per_checkpoint``,
+    ``φ_t(H) v`` over the last ``δ`` iterations: 8 when stopped early, else ``k // 4``), ``krylov_error_per_checkpoint``,
     ``ritz_max`` (largest Ritz value seen) and ``krylov_dimension`` (``[min, max]`` over vectors of the
     Krylov space's dimension: below ``k`` where a run found an invariant subspace, ``β_j ≤ 1e3·eps·‖T‖``;
     the error estimate is then 0 if that happened before ``k − δ``).
@@ -177,13 +191,13 @@ def horizon_scores_krylov(matvec: MatVec, g_solve: Tensor, g_other: Tensor, step
     delta = max(1, k // 4)
     filt = lambda theta: horizon_filter(theta, steps, lr, momentum)  # noqa: E731
     out, errors, dims, ritz_max = [], [], [], -math.inf
+    def converged(lz: Any) -> bool:
+        return lz.steps >= 16 and float(_krylov_change(lz, filt, 8)[1].max()) < krylov_tol
+
     for start in range(0, g_solve.shape[0], block):
-        lz = lanczos(matvec, g_solve[start : start + block], k)
-        coef = krylov_coefficients(lz, filt)  # [C, b, k]
-        coarse = krylov_coefficients(lz, filt, lz.steps - delta)
-        diff = coef.clone()
-        diff[..., : coarse.shape[2]] -= coarse
-        errors.append(diff.norm(dim=2) / coef.norm(dim=2).clamp_min(torch.finfo(torch.float64).tiny))
+        lz = lanczos(matvec, g_solve[start : start + block], k, stop=converged if krylov_tol > 0 else None)
+        coef, change = _krylov_change(lz, filt, 8 if lz.steps < k else delta)  # [C, b, k], [C, b]
+        errors.append(change)
         ritz_max = max(ritz_max, float(torch.linalg.eigvalsh(lz.tridiagonal()).max()))
         dims.append(1 + (lz.beta != 0).sum(dim=1))
         projected = (lz.basis @ g_other.T).to(torch.float64)  # [b, k, N]
@@ -203,7 +217,8 @@ class HorizonInfluence(Estimator):
         lr, epochs / steps, batch_size, eval_every, momentum, leave_out: the further training to match
             (as :class:`~lightning_fimoda.FurtherTrainingLoop`); or ``gold``: a loop to copy them from.
         hessian: ``"gauss_newton"`` (default) or ``"exact"`` (true Hessian; aliases ``"true"``, ``True``).
-        krylov_steps: Lanczos iterations per vector. exact: ``"auto"``, ``True``, ``"low_rank"``,
+        krylov_steps: most Lanczos iterations per vector; krylov_tol: stop earlier once the result
+            changes by less than this over 8 iterations (``0``: always ``krylov_steps``). exact: ``"auto"``, ``True``, ``"low_rank"``,
             ``"dense"`` or ``False`` (see :class:`HorizonConfig`).
         chunk_size: training examples per forward pass in curvature products.
         params, label: see :class:`~lightning_fimoda.Estimator`.
@@ -220,13 +235,14 @@ class HorizonInfluence(Estimator):
     def __init__(self, *, lr: float | None = None, epochs: int | None = None, steps: int | None = None,
                  batch_size: int | None = None, eval_every: str | int | None = None, gold: Any = None,
                  hessian: str | bool = "gauss_newton", momentum: float | None = None, leave_out: str | None = None,
-                 krylov_steps: int = 64, exact: str | bool = "auto", chunk_size: int = 512,
+                 krylov_steps: int = 64, krylov_tol: float = 1e-6, exact: str | bool = "auto", chunk_size: int = 512,
                  params: Sequence[str] | None = None, label: str | None = None) -> None:
         super().__init__(params=params, label=label)
         given = {k: v for k, v in dict(lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
                                        eval_every=eval_every, momentum=momentum, leave_out=leave_out).items()
                  if v is not None}
-        common = dict(hessian=hessian, krylov_steps=krylov_steps, exact=exact, chunk_size=chunk_size)
+        common = dict(hessian=hessian, krylov_steps=krylov_steps, krylov_tol=krylov_tol, exact=exact,
+                      chunk_size=chunk_size)
         if gold is not None:
             if given:
                 raise ConfigurationError(f"horizon: give gold= or {sorted(given)}, not both.")
@@ -324,7 +340,7 @@ class HorizonInfluence(Estimator):
         solve, other = (g_test, g_train) if solve_test else (g_train, g_test)
         scores, diagnostics = horizon_scores_krylov(
             self.operator_.curvature, solve, other, self.checkpoint_steps_, cfg.lr, cfg.momentum, n,
-            cfg.krylov_steps,
+            cfg.krylov_steps, cfg.krylov_tol,
         )
         self.info.update(diagnostics)
         self._check_stable(max(self.info["lambda_max"], diagnostics["ritz_max"]), "lambda_max")

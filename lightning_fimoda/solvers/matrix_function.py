@@ -116,8 +116,12 @@ class LanczosBasis:
         return t + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
 
 
-def lanczos(matvec: MatVec, v: Tensor, steps: int) -> LanczosBasis:
+def lanczos(matvec: MatVec, v: Tensor, steps: int, stop: Callable[[LanczosBasis], bool] | None = None,
+            check_every: int = 8) -> LanczosBasis:
     """``steps`` Lanczos iterations for each row of ``v`` ``[b, P]`` at once (full reorthogonalisation).
+
+    ``stop``, if given, is called every ``check_every`` iterations with the basis so far and ends the
+    iteration early when it returns ``True`` (e.g. when ``f(T_j) e_1`` has converged).
 
     ``matvec`` maps ``[b, P] → [b, P]`` (``H`` symmetric). A run whose Krylov space is exhausted
     (``β ≈ 0``: an invariant subspace, e.g. a low-rank Gauss-Newton matrix) continues with zero rows,
@@ -141,6 +145,10 @@ def lanczos(matvec: MatVec, v: Tensor, steps: int) -> LanczosBasis:
         scale = torch.maximum(scale, alpha[:, j].abs())
         if j + 1 == steps:
             break
+        if stop is not None and (j + 1) % check_every == 0:
+            sofar = LanczosBasis(basis[:, : j + 1], alpha[:, : j + 1], beta[:, :j], norms)
+            if stop(sofar):
+                return sofar
         done = basis[:, : j + 1]
         for _ in range(2):  # classical Gram–Schmidt against the whole basis, twice
             w = w - torch.bmm(torch.bmm(done, w.unsqueeze(2)).transpose(1, 2), done).squeeze(1)
