@@ -179,8 +179,8 @@ def horizon_scores_krylov(matvec: MatVec, g_solve: Tensor, g_other: Tensor, step
 
     A block stops early (checked every 8 iterations, from 16 on) once ``φ_t(H) v`` changed by less than
     ``krylov_tol`` (relative, every vector and checkpoint) over the last 8 iterations.
-    Returns the scores (float64) and diagnostics: ``krylov_error`` (max relative change of
-    ``φ_t(H) v`` over the last ``δ`` iterations: 8 when stopped early, else ``k // 4``), ``krylov_error_per_checkpoint``,
+    Returns the scores (float64) and diagnostics: ``krylov_error`` (max relative change of ``φ_t(H) v``
+    over the last ``δ`` iterations: 8 when stopped early, else ``k // 4``), ``krylov_error_per_checkpoint``,
     ``ritz_max`` (largest Ritz value seen) and ``krylov_dimension`` (``[min, max]`` over vectors of the
     Krylov space's dimension: below ``k`` where a run found an invariant subspace, ``β_j ≤ 1e3·eps·‖T‖``;
     the error estimate is then 0 if that happened before ``k − δ``).
@@ -191,6 +191,7 @@ def horizon_scores_krylov(matvec: MatVec, g_solve: Tensor, g_other: Tensor, step
     delta = max(1, k // 4)
     filt = lambda theta: horizon_filter(theta, steps, lr, momentum)  # noqa: E731
     out, errors, dims, ritz_max = [], [], [], -math.inf
+
     def converged(lz: Any) -> bool:
         return lz.steps >= 16 and float(_krylov_change(lz, filt, 8)[1].max()) < krylov_tol
 
