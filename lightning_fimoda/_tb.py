@@ -6,7 +6,8 @@ also gets the agreement curves, at step = further-training checkpoint (other log
 steps to increase, so they get the headline only). A ``TensorBoardLogger`` gets, through its
 ``SummaryWriter``:
 
-- scalars ``fimoda/agreement/<adjust>/<method>/<label>`` at step = checkpoint (and the noise ceiling);
+- scalars ``fimoda/agreement/<adjust>/<method>/<label>`` at step = checkpoint (and the noise ceiling;
+  a checkpoint-indexed estimator's curve compares checkpoint ``c`` with the gold standard at ``c``);
 - histograms ``fimoda/scores/<label>`` of all scores;
 - images ``fimoda/figures/<name>`` (the figures of :mod:`~lightning_fimoda.plotting`);
 - texts ``fimoda/summary`` (the summary table) and ``fimoda/top_examples/<label>``.
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
 from .metrics import METHODS
+from .rendering import top_k_table
 from .report import AttributionReport
 
 __all__ = ["log_report", "scalar_metrics"]
@@ -58,16 +60,6 @@ def _curves(report: AttributionReport) -> dict[str, list[float]]:
     return out
 
 
-def _top_examples_markdown(report: AttributionReport, label: str, k: int = 5, max_tests: int = 20) -> str:
-    top = report.top_k(label, k)
-    lines = ["| test | most helpful (index: score) | most harmful (index: score) |", "|---|---|---|"]
-    for t in range(min(max_tests, report.test_indices.numel())):
-        helpful = ", ".join(f"{int(i)}: {float(s):.3g}" for i, s in zip(top.helpful_indices[t], top.helpful_scores[t]))
-        harmful = ", ".join(f"{int(i)}: {float(s):.3g}" for i, s in zip(top.harmful_indices[t], top.harmful_scores[t]))
-        lines.append(f"| {int(report.test_indices[t])} | {helpful} | {harmful} |")
-    return "\n".join(lines)
-
-
 def _log_tensorboard(logger: TensorBoardLogger, report: AttributionReport, figures: dict[str, Figure]) -> None:
     writer = logger.experiment
     if report.gold is not None:
@@ -76,7 +68,7 @@ def _log_tensorboard(logger: TensorBoardLogger, report: AttributionReport, figur
                 writer.add_scalar(tag, value, global_step=checkpoint)
     for label, scores in report.scores.items():
         writer.add_histogram(f"fimoda/scores/{label}", scores.detach().cpu().float(), global_step=0)
-        writer.add_text(f"fimoda/top_examples/{label}", _top_examples_markdown(report, label), global_step=0)
+        writer.add_text(f"fimoda/top_examples/{label}", "\n".join(top_k_table(report, label, max_tests=20)), global_step=0)
     for name, fig in figures.items():
         writer.add_figure(f"fimoda/figures/{name}", fig, global_step=0, close=False)
     writer.add_text("fimoda/summary", "    " + report.summary().replace("\n", "\n    "), global_step=0)

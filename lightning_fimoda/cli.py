@@ -4,6 +4,7 @@ Commands::
 
     fimoda run CONFIG.yaml [--trainer.max_epochs=3 ...]      # train, attribute, gold standard, report
     fimoda attribute --checkpoint CKPT --config CONFIG.yaml  # an existing model (final-model-only)
+    fimoda run CONFIG.yaml --fimoda.gold.seeds=4             # one key of the gold block, the rest kept
     fimoda report RUN_DIR                                    # re-render report.md and figures
 
 Configuration (a LightningCLI config with one extra section, ``fimoda``; parsed with jsonargparse,
@@ -54,6 +55,7 @@ plain LightningCLI config, put the same arguments under ``trainer.callbacks`` wi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,6 +66,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from ._quiet import quiet_attribution
 from .callback import FiMODACallback
 from .report import AttributionReport
 
@@ -82,14 +85,57 @@ class FiMODACLI(LightningCLI):
 def _make_cli(args: Sequence[str], *, save_config: bool) -> FiMODACLI:
     argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are passed explicitly, not read from argv
     try:
-        return FiMODACLI(
-            args=list(args),
-            run=False,
-            save_config_callback=SaveConfigCallback if save_config else None,
-            save_config_kwargs={"overwrite": True},
-        )
+        with quiet_attribution():
+            return FiMODACLI(
+                args=merge_gold_overrides(list(args)),
+                run=False,
+                save_config_callback=SaveConfigCallback if save_config else None,
+                save_config_kwargs={"overwrite": True},
+            )
     finally:
         sys.argv = argv
+
+
+def _gold_from_config(args: Sequence[str]) -> dict[str, Any]:
+    """The ``fimoda.gold`` mapping of the last ``--config`` file in ``args`` (empty if none)."""
+    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    if not configs or not Path(configs[-1]).is_file():
+        return {}
+    content = yaml.safe_load(Path(configs[-1]).read_text()) or {}
+    gold = (content.get(SECTION) or {}).get("gold") if isinstance(content, Mapping) else None
+    return dict(gold) if isinstance(gold, Mapping) else {}
+
+
+def merge_gold_overrides(args: list[str]) -> list[str]:
+    """Turn ``--fimoda.gold.KEY=VALUE`` (or ``--fimoda.gold.KEY VALUE``) into one ``--fimoda.gold=...``
+    holding the configured ``gold`` mapping with just those keys changed (``gold`` is a free-form
+    mapping, so the parser alone would replace the whole block). Values are parsed as YAML."""
+    prefix = f"--{SECTION}.gold."
+    base, changes, rest, i = None, {}, [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(prefix):
+            key, has_value, value = arg[len(prefix):].partition("=")
+            if not has_value:
+                i += 1
+                value = args[i] if i < len(args) else ""
+            changes[key] = yaml.safe_load(value)
+        elif arg.startswith(f"--{SECTION}.gold="):
+            base = yaml.safe_load(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    if not changes:
+        return args if base is None else [*rest, f"--{SECTION}.gold={json.dumps(base)}"]
+    gold = dict(base) if isinstance(base, Mapping) else _gold_from_config(rest)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        target = gold
+        for name in parents:
+            target = target.setdefault(name, {})
+        target[leaf] = value
+    return [*rest, f"--{SECTION}.gold={json.dumps(gold)}"]
 
 
 def fimoda_callback(cli: LightningCLI) -> FiMODACallback:
@@ -115,36 +161,51 @@ def callback_from_config(path: str | Path) -> FiMODACallback:
     return parser.instantiate_classes(cfg)[SECTION]
 
 
-def _load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
+def _load_weights(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, Any]:
+    """Load ``checkpoint`` into ``model``; returns what it says about the training (for the report)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     # A Lightning checkpoint holds more than tensors (hyperparameters, loop state): trusted files only,
     # as with LightningModule.load_from_checkpoint.
     state = torch.load(path, map_location="cpu", weights_only=False)
+    facts: dict[str, Any] = {"checkpoint": str(path.resolve())}
     if isinstance(state, Mapping) and "state_dict" in state:
+        facts.update(_trained_so_far(state))
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds neither a Lightning checkpoint nor a state_dict.")
     model.load_state_dict(state)
+    return facts
+
+
+def _trained_so_far(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """Epochs and steps trained when a Lightning checkpoint was saved (epochs: the fit loop's count of
+    finished epochs, else the epoch number it was saved in)."""
+    try:
+        epochs = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        epochs = int(ckpt.get("epoch", 0))
+    return {"trained_epochs": epochs, "trained_steps": int(ckpt.get("global_step", 0))}
 
 
 def run(config: str, overrides: Sequence[str] = ()) -> AttributionReport | None:
     """``fimoda run``: fit the configured model with the FiMODA callback attached."""
     cli = _make_cli(["--config", config, *overrides], save_config=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    with quiet_attribution():
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return fimoda_callback(cli).report
 
 
 def attribute(checkpoint: str, config: str, overrides: Sequence[str] = ()) -> AttributionReport | None:
     """``fimoda attribute``: attribute the model in ``checkpoint`` without training it."""
     cli = _make_cli(["--config", config, *overrides], save_config=False)
-    _load_weights(cli.model, checkpoint)
+    facts = _load_weights(cli.model, checkpoint)
     dm = cli.datamodule
     if dm is not None:
         dm.prepare_data()
         dm.setup("fit")
-    return fimoda_callback(cli).attribute(cli.trainer, cli.model, datamodule=dm)
+    return fimoda_callback(cli).attribute(cli.trainer, cli.model, datamodule=dm, info=facts)
 
 
 def rerender(run_dir: str | Path) -> AttributionReport:

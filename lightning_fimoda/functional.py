@@ -9,6 +9,7 @@ over examples, or vmapped over stacked parameter sets.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from .exceptions import ConfigurationError
 from .task import AttributionTask
 
 __all__ = ["FunctionalTask", "eval_mode", "select_parameters"]
@@ -38,30 +40,54 @@ class _TaskCall(nn.Module):
         return getattr(self.task, method)(self.model, batch)
 
 
-def select_parameters(model: nn.Module, selection: Sequence[str] | None = None) -> list[str]:
+def select_parameters(model: nn.Module, selection: Sequence[str] | str | None = None) -> list[str]:
     """Names of the trainable parameters to attribute over, in ``named_parameters`` order.
 
-    ``selection`` holds parameter names or module names (a module selects all its parameters, e.g.
-    ``["fc2"]`` selects ``fc2.weight`` and ``fc2.bias``); ``None`` selects every trainable parameter.
+    Each entry of ``selection`` is a parameter name (``"fc2.weight"``), a module name (``"fc2"``: all
+    its parameters, those of submodules included) or an ``fnmatch`` glob matched against parameter
+    and module names (``"encoder.layer.5.*"``, ``"fc*"``, ``"*.bias"``); ``None`` selects every
+    trainable parameter. An entry that matches nothing raises :class:`ConfigurationError` listing the
+    modules that own trainable parameters.
     """
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True).")
+        raise ConfigurationError(f"{type(model).__name__} has no trainable parameters (requires_grad=True).")
     if selection is None:
         return trainable
     if isinstance(selection, str):
         selection = [selection]
-    chosen: list[str] = []
+    chosen: set[str] = set()
     for sel in selection:
-        hits = [n for n in trainable if n == sel or n.startswith(sel + ".")]
+        if not isinstance(sel, str) or not sel:
+            raise ConfigurationError(f"Parameter selections must be non-empty strings, got {sel!r}.")
+        hits = [n for n in trainable if _selects(sel, n)]
         if not hits:
-            modules = sorted({n.rsplit(".", 1)[0] for n in trainable if "." in n})
-            raise ValueError(
+            raise ConfigurationError(
                 f"Parameter selection {sel!r} matches no trainable parameter. "
-                f"Trainable modules: {modules}; parameters: {trainable}."
+                f"Trainable modules: {_listing(_owner_modules(trainable))}; parameters: {_listing(trainable)}."
             )
-        chosen.extend(h for h in hits if h not in chosen)
+        chosen.update(hits)
     return [n for n in trainable if n in chosen]
+
+
+def _selects(sel: str, name: str) -> bool:
+    """Whether selection ``sel`` (name, module name or glob) covers parameter ``name``."""
+    if name == sel or name.startswith(sel + "."):
+        return True
+    if not any(c in sel for c in "*?["):
+        return False
+    parts = name.split(".")
+    prefixes = [".".join(parts[:k]) for k in range(1, len(parts) + 1)]  # modules owning it, and itself
+    return any(fnmatch.fnmatchcase(p, sel) for p in prefixes)
+
+
+def _owner_modules(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names if "." in n))
+
+
+def _listing(names: list[str], limit: int = 40) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... ({len(names) - limit} more)' if len(names) > limit else ''}]"
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Evaluating attribution scores against the further-training gold standard (SPEC §4).
 
 Shapes: estimator scores ``[T, m]`` (``T`` test instances, ``m`` training instances of the LOO set
-``J``); gold scores ``[T, m]`` or, per further-training checkpoint, ``[C, T, m]``; per-seed gold
+``J``), or ``[C, T, m]`` for a checkpoint-indexed estimator (one matrix per checkpoint, compared with
+the gold standard at the same checkpoint); gold scores ``[T, m]`` or, per further-training checkpoint, ``[C, T, m]``; per-seed gold
 differences ``[S, C, T, m]`` (:meth:`GoldStandard.differences`). Signs follow SPEC §1: positive =
 the training instance helps the test instance (leaving it out raises ``f``).
 
@@ -130,16 +131,30 @@ def _mean_sem(values: Tensor, dim: int = 0) -> Agreement:
     return Agreement(mean, values.std(dim, correction=1) / n**0.5)
 
 
+def _per_checkpoint(scores: Tensor, gold: Tensor, method: Method) -> Tensor:
+    """Agreement ``[C, T]`` of ``scores`` with ``gold [C, T, m]``: ``scores [T, m]`` is compared with every
+    checkpoint; checkpoint-indexed ``scores [C, T, m]`` at checkpoint ``c`` with the gold standard at ``c``."""
+    if scores.dim() == 2:
+        scores = scores.unsqueeze(0).expand_as(gold)
+    return rowwise_agreement(scores, gold, method)
+
+
 def agreement(scores: Tensor, gold: Tensor, method: Method = "cosine") -> Agreement:
-    """Mean ± s.e. over test rows. ``scores [T, m]``; ``gold [T, m]`` (scalars) or ``[C, T, m]`` (curves ``[C]``)."""
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be [n_test, m], got shape {tuple(scores.shape)}.")
-    if gold.dim() == 2:
+    """Mean ± s.e. over test rows.
+
+    ``scores [T, m]`` with ``gold [T, m]`` (scalars) or ``[C, T, m]`` (curves ``[C]``); checkpoint-indexed
+    ``scores [C, T, m]`` with ``gold [C, T, m]`` are compared checkpoint by checkpoint (curves ``[C]``).
+    """
+    if scores.dim() not in (2, 3):
+        raise ValueError(f"scores must be [n_test, m] or [checkpoints, n_test, m], got shape {tuple(scores.shape)}.")
+    if gold.dim() == 2 and scores.dim() == 2:
         return _mean_sem(rowwise_agreement(scores, gold, method))
     if gold.dim() == 3:
-        per = rowwise_agreement(scores.unsqueeze(0).expand_as(gold), gold, method)  # [C, T]
-        return _mean_sem(per, dim=1)
-    raise ValueError(f"gold must be [n_test, m] or [checkpoints, n_test, m], got shape {tuple(gold.shape)}.")
+        return _mean_sem(_per_checkpoint(scores, gold, method), dim=1)
+    raise ValueError(
+        f"gold must be [n_test, m] or [checkpoints, n_test, m] (the latter for checkpoint-indexed scores "
+        f"{tuple(scores.shape)}), got shape {tuple(gold.shape)}."
+    )
 
 
 def seed_groups(num_seeds: int, k: int) -> list[list[int]]:
@@ -160,7 +175,9 @@ def _check_differences(differences: Tensor) -> None:
 
 
 def _seed_averaged_rows(scores: Tensor, differences: Tensor, k: int, method: Method) -> Tensor:
-    """Per-(group, test) agreement ``[G·T, C]`` with the gold standard of each group of ``k`` seeds."""
+    """Per-(group, test) agreement ``[G·T, C]`` with the gold standard of each group of ``k`` seeds.
+
+    ``scores``: ``[T, m]``, or checkpoint-indexed ``[C, T, m]`` (compared at the same checkpoint)."""
     _check_differences(differences)
     groups = seed_groups(differences.shape[0], k)
     gold = torch.stack([differences[g].mean(0) for g in groups])  # [G, C, T, m]
@@ -267,7 +284,8 @@ class AttributionAgreement(_RowsMetric):
 
 
 class AgreementCurve(_RowsMetric):
-    """Agreement of ``scores [T, m]`` with the gold standard at each checkpoint, ``gold [C, T, m]``.
+    """Agreement of ``scores [T, m]`` with the gold standard at each checkpoint, ``gold [C, T, m]``;
+    checkpoint-indexed ``scores [C, T, m]`` are compared with the gold standard at the same checkpoint.
 
     ``compute()`` returns an :class:`Agreement` of ``[C]`` curves; ``.peak()`` gives the maximum.
     """
@@ -275,8 +293,7 @@ class AgreementCurve(_RowsMetric):
     def update(self, scores: Tensor, gold: Tensor) -> None:
         if gold.dim() != 3:
             raise ValueError(f"gold must be [checkpoints, n_test, m], got shape {tuple(gold.shape)}.")
-        per = rowwise_agreement(scores.unsqueeze(0).expand_as(gold), gold, self.method)
-        self.rows.append(per.T)
+        self.rows.append(_per_checkpoint(scores, gold, self.method).T)
 
     def compute(self) -> Agreement:
         return self._reduce()

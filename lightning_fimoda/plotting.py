@@ -5,7 +5,7 @@
   (as the paper's Fig. 2);
 - ``seed_averaging_<adjust>``: peak cosine similarity against the number of seeds averaged in the
   gold standard, with standard-error bars (as the paper's Fig. 3);
-- ``sorted_scores``: each estimator's total score over the test instances, sorted, scaled to a
+- ``sorted_scores``: each estimator's (last checkpoint's, if checkpoint-indexed) total score over the test instances, sorted, scaled to a
   maximum magnitude of 1, against the rank fraction (where the mass of helpful and harmful sits).
 
 Figures are built as ``matplotlib.figure.Figure`` objects (not through ``pyplot``), so they do not
@@ -20,6 +20,7 @@ from pathlib import Path
 import matplotlib
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .metrics import METHODS
 from .report import AttributionReport
@@ -34,18 +35,33 @@ def _new_figure() -> tuple[Figure, object]:
     return fig, fig.add_subplot()
 
 
+_PALETTE = [c for j, c in enumerate(matplotlib.colormaps["tab10"].colors) if j != 7]  # no grey: that is the ceiling
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
 def _style(i: int) -> dict[str, object]:
-    """Distinct colour / line style / marker for curve ``i``: tab10 colours, a new style every 10 curves."""
-    colors = matplotlib.colormaps["tab10"].colors
+    """Distinct colour / line style / marker for curve ``i``: 9 colours (tab10 without its grey, which
+    is the noise ceiling's), a new line style after every 9 curves and markers cycling with period 7,
+    so that every (colour, line style, marker) triple is unique for the first 252 estimators."""
     return {
-        "color": colors[i % 10],
-        "linestyle": ("-", "--", ":", "-.")[(i // 10) % 4],
-        "marker": ("o", "s", "^", "D")[(i // 10) % 4],
+        "color": _PALETTE[i % len(_PALETTE)],
+        "linestyle": _LINESTYLES[(i // len(_PALETTE)) % len(_LINESTYLES)],
+        "marker": _MARKERS[i % len(_MARKERS)],
     }
 
 
-def _legend(ax: object) -> None:
-    """Legend to the right of the axes, so it never hides a curve."""
+def _integer_ticks(ax: object) -> None:
+    """Checkpoints are whole epochs / steps: integer ticks only."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _finish(ax: object, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, grid, and the legend to the right of the axes (so it never hides a curve)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
@@ -59,7 +75,8 @@ def agreement_figure(report: AttributionReport, adjust: str = "mean", method: st
         curve = report.agreement(label, adjust, method)
         mean, sem = curve.mean.numpy(), torch.nan_to_num(curve.sem).numpy()
         style = _style(i) if marker else {**_style(i), "marker": None}
-        (line,) = ax.plot(x, mean, markersize=3.5, label=label, **style)
+        name = f"{label} (horizon-matched)" if label in report.horizon_matched else label
+        (line,) = ax.plot(x, mean, markersize=3.5, label=name, **style)
         ax.fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.15, linewidth=0)
     ceiling = report.noise_ceiling(adjust, method)
     if ceiling is not None:
@@ -68,15 +85,14 @@ def agreement_figure(report: AttributionReport, adjust: str = "mean", method: st
                 f"{len(gold.seeds) // 2} seeds)")
         ax.fill_between(x, mean - sem, mean + sem, color="0.5", alpha=0.15, linewidth=0)
     ax.axhline(0.0, color="0.6", linewidth=0.8)
-    ax.set_xlabel(f"further training ({gold.checkpoint_unit}s)")
-    ax.set_ylabel(f"{_METHOD_NAME[method]} with further training")
-    ax.set_title(
+    _integer_ticks(ax)
+    _finish(
+        ax,
+        f"further training ({gold.checkpoint_unit}s)",
+        f"{_METHOD_NAME[method]} with further training",
         f"Agreement with further training ({adjust} adjustment, {len(gold.seeds)} seeds)\n"
         f"mean ± s.e. over {gold.test_indices.numel()} test instances, {gold.loo_indices.numel()} LOO instances",
-        fontsize=10,
     )
-    ax.grid(alpha=0.3)
-    _legend(ax)
     return fig
 
 
@@ -95,15 +111,13 @@ def seed_averaging_figure(report: AttributionReport, adjust: str = "mean", metho
         ax.errorbar([k * dodge for k in ks], means, yerr=sems, markersize=4, capsize=3, label=label, **_style(i))
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("seeds averaged per gold standard (k)")
-    ax.set_ylabel(f"peak {_METHOD_NAME[method]} over {gold.checkpoint_unit}s")
-    ax.set_title(
+    _finish(
+        ax,
+        "seeds averaged per gold standard (k)",
+        f"peak {_METHOD_NAME[method]} over {gold.checkpoint_unit}s",
         f"Seed averaging ({adjust} adjustment): groups of k of {len(gold.seeds)} seeds\n"
-        f"mean ± s.e. over test instances and groups",
-        fontsize=10,
+        "mean ± s.e. over test instances and groups",
     )
-    ax.grid(alpha=0.3)
-    _legend(ax)
     return fig
 
 
@@ -111,21 +125,19 @@ def sorted_scores_figure(report: AttributionReport) -> Figure:
     """Each estimator's per-training-instance total score (summed over tests), sorted and scaled."""
     fig, ax = _new_figure()
     for i, label in enumerate(report.labels):
-        total = report.scores[label].to(torch.float64).sum(0)
+        total = report.final_scores(label).to(torch.float64).sum(0)
         scale = total.abs().max()
         values = (total / scale if scale > 0 else total).sort(descending=True).values
         rank = (torch.arange(values.numel(), dtype=torch.float64) + 0.5) / values.numel()
         ax.plot(rank.numpy(), values.numpy(), label=label, **{**_style(i), "marker": None})
     ax.axhline(0.0, color="0.6", linewidth=0.8)
-    ax.set_xlabel("training instances ranked by total score (fraction: most helpful → most harmful)")
-    ax.set_ylabel("total score over test instances / max |total|")
-    ax.set_title(
+    _finish(
+        ax,
+        "training instances ranked by total score (fraction: most helpful → most harmful)",
+        "total score over test instances / max |total|",
         f"Sorted attribution scores ({report.train_indices.numel()} training instances, "
         f"summed over {report.test_indices.numel()} tests)\npositive = helpful, negative = harmful",
-        fontsize=10,
     )
-    ax.grid(alpha=0.3)
-    _legend(ax)
     return fig
 
 

@@ -1,25 +1,24 @@
-"""``AttributionReport``: everything one attribution run produced, its evaluation, and its persistence.
+"""``AttributionReport``: everything one attribution run produced (data), its evaluation and persistence.
 
-A report holds the estimators' scores ``[T, N]`` (``T`` test instances × ``N`` scored training
-instances, SPEC §1 sign), their cost (seconds, peak memory, see :mod:`~lightning_fimoda.profiling`),
-their settings (constructor arguments plus values chosen while fitting, e.g. the damping used), and
-optionally the further-training :class:`~lightning_fimoda.GoldStandard`. The evaluation against the
-gold standard (SPEC §4: agreement curves per checkpoint, peaks, seed averaging, noise ceiling,
-mislabel AUC) is derived from those tensors on demand with :mod:`lightning_fimoda.metrics`, so a
-loaded report evaluates to exactly the same numbers.
+A report holds one :class:`~lightning_fimoda.pipeline.EstimatorRun` per estimator (scores ``[T, N]``,
+``T`` test × ``N`` scored training instances with SPEC §1's sign, or ``[C, T, N]`` for a
+checkpoint-indexed estimator; cost; settings; an ``error`` when it failed) and optionally the
+further-training :class:`~lightning_fimoda.GoldStandard`. The evaluation against the gold standard
+(SPEC §4: agreement curves per checkpoint, peaks, seed averaging, noise ceiling, mislabel AUC) is
+derived on demand with :mod:`lightning_fimoda.metrics`, so a loaded report evaluates to exactly the same
+numbers. A checkpoint-indexed ("horizon-matched") estimator is compared at checkpoint ``c`` with the
+gold standard at ``c``; its top-k, mislabel AUC and sorted scores use its last checkpoint.
+Rendering (markdown, console table, TensorBoard text) lives in :mod:`lightning_fimoda.rendering`.
 
 On disk (``save(dir)``): ``scores.safetensors`` (scores and indices), ``gold_standard.safetensors``
-(when there is one), ``report.json`` (every other field) and ``report.md`` (:meth:`to_markdown`).
+(when there is one), ``report.json`` (every other field) and ``report.md``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,127 +26,156 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ._files import atomic_write
+from ._files import atomic_write, file_mode
+from ._jsonable import jsonable, library_versions
+from .exceptions import ConfigurationError
 from .gold_standard import GoldStandard
 from .metrics import (
     METHODS,
     Agreement,
+    TopK,
     agreement,
     mislabel_auroc,
     noise_ceiling,
     seed_averaging,
     top_k_examples,
 )
+from .pipeline import EstimatorRun
 
-__all__ = ["AttributionReport", "library_versions"]
+__all__ = ["AttributionReport", "jsonable", "library_versions"]
 
 SCORES_FILE = "scores.safetensors"
 GOLD_FILE = "gold_standard.safetensors"
 META_FILE = "report.json"
 MARKDOWN_FILE = "report.md"
-FORMAT_VERSION = 1
-_VERSIONED = ("torch", "lightning", "torchmetrics", "numpy", "lightning-fimoda", "kronfluence", "traker")
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries that produce the numbers."""
-    out = {"python": platform.python_version()}
-    for dist in _VERSIONED:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON types (tuples → lists, tensors → numbers/lists, other objects → ``repr``)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        try:
-            return jsonable(value.item())
-        except (TypeError, ValueError):
-            pass
-    return repr(value)
-
-
-
-def _fmt(mean: float, sem: float) -> str:
-    return f"{mean:.3f} ± {sem:.3f}" if not math.isnan(sem) else f"{mean:.3f}"
+REPORT_FILES = (SCORES_FILE, GOLD_FILE, META_FILE, MARKDOWN_FILE)
+FORMAT_VERSION = 2
+_RUN_FIELDS = ("seconds", "peak_memory", "settings", "error", "checkpoint_indexed")
 
 
 @dataclass(eq=False)
 class AttributionReport:
-    """Scores, cost and settings per estimator, the gold standard, and their evaluation.
+    """The estimator runs, the gold standard, and their evaluation.
 
     Attributes:
-        scores: ``{label: [T, N]}`` attribution scores, in estimator order.
+        runs: one :class:`EstimatorRun` per estimator, in estimator order (failed ones included).
         train_indices: ``[N]`` training-set indices of the score columns.
         test_indices: ``[T]`` test-set indices of the score rows.
         gold: the further-training gold standard over ``gold.test_indices × gold.loo_indices`` (both
             contained in the indices above), or ``None``.
-        seconds: wall time per estimator.
-        peak_memory: peak memory per estimator in bytes, measured as :attr:`memory_kind` says.
         memory_kind: how peak memory was measured.
-        settings: per estimator, its settings (JSON types).
         mislabeled: ``[N]`` bool, which scored training instances had their labels flipped, or ``None``.
         seed_ks: group sizes ``k`` for seed averaging (default: 1, 2, 4, ... and the number of seeds).
         info: facts about the run (model, task, dataset sizes, gold-standard time, library versions).
     """
 
-    scores: dict[str, Tensor]
+    runs: list[EstimatorRun]
     train_indices: Tensor
     test_indices: Tensor
     gold: GoldStandard | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_memory: dict[str, int] = field(default_factory=dict)
     memory_kind: str = ""
-    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     mislabeled: Tensor | None = None
     seed_ks: list[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_scores(
+        cls,
+        scores: dict[str, Tensor],
+        train_indices: Tensor,
+        test_indices: Tensor,
+        gold: GoldStandard | None = None,
+        *,
+        seconds: dict[str, float] | None = None,
+        peak_memory: dict[str, int] | None = None,
+        settings: dict[str, dict[str, Any]] | None = None,
+        checkpoint_indexed: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> AttributionReport:
+        """A report from ``{label: scores}`` and per-label dicts (the form before :class:`EstimatorRun`)."""
+        seconds, peak_memory, settings = seconds or {}, peak_memory or {}, settings or {}
+        runs = [
+            EstimatorRun(label, s, seconds.get(label, float("nan")), settings.get(label, {}), peak_memory.get(label),
+                         checkpoint_indexed=label in checkpoint_indexed)
+            for label, s in scores.items()
+        ]
+        return cls(runs, train_indices, test_indices, gold, **kwargs)
+
     def __post_init__(self) -> None:
-        if not self.scores:
-            raise ValueError("AttributionReport needs the scores of at least one estimator.")
+        if not self.runs:
+            raise ValueError("AttributionReport needs at least one estimator run.")
         self.train_indices = torch.as_tensor(self.train_indices).reshape(-1).long()
         self.test_indices = torch.as_tensor(self.test_indices).reshape(-1).long()
-        expected = (self.test_indices.numel(), self.train_indices.numel())
-        for label, s in self.scores.items():
-            if tuple(s.shape) != expected:
-                raise ValueError(f"Scores of {label!r} have shape {tuple(s.shape)}, expected {expected}.")
+        for run in self.runs:
+            run.settings = jsonable(run.settings)
+            run.seconds = float(run.seconds)
+            run.peak_memory = None if run.peak_memory is None else int(run.peak_memory)
+            if run.ok:
+                self._check_shape(run)
         if self.mislabeled is not None:
             self.mislabeled = torch.as_tensor(self.mislabeled).reshape(-1).bool()
-            if self.mislabeled.numel() != expected[1]:
-                raise ValueError(f"mislabeled has {self.mislabeled.numel()} flags for {expected[1]} columns.")
-        self.settings = jsonable(self.settings)
+            if self.mislabeled.numel() != self.train_indices.numel():
+                raise ValueError(
+                    f"mislabeled has {self.mislabeled.numel()} flags for {self.train_indices.numel()} columns."
+                )
         self.info = jsonable(self.info)
-        self.seconds = {k: float(v) for k, v in self.seconds.items()}
-        self.peak_memory = {k: int(v) for k, v in self.peak_memory.items()}
         if self.gold is not None:
             self._columns = _positions(self.train_indices, self.gold.loo_indices, "LOO (training)")
             self._rows = _positions(self.test_indices, self.gold.test_indices, "test")
-            if self.seed_ks is None:
-                num = len(self.gold.seeds)
-                self.seed_ks = sorted({2**i for i in range(num.bit_length())} | {num})
-            self.seed_ks = [int(k) for k in self.seed_ks]
-            bad = [k for k in self.seed_ks if not 1 <= k <= len(self.gold.seeds)]
-            if bad:
-                raise ValueError(f"seed_ks {bad} not between 1 and the {len(self.gold.seeds)} seeds run.")
+            self.seed_ks = _seed_ks(self.seed_ks, len(self.gold.seeds))
         self._cache: dict[tuple, Any] = {}
 
-    # -- evaluation ------------------------------------------------------------------------------
+    def _check_shape(self, run: EstimatorRun) -> None:
+        expected = (self.test_indices.numel(), self.train_indices.numel())
+        if run.checkpoint_indexed:
+            n_ckpt = len(self.gold.checkpoints) if self.gold is not None else run.scores.shape[0]
+            expected = (n_ckpt, *expected)
+        if run.scores is None or tuple(run.scores.shape) != expected:
+            shape = None if run.scores is None else tuple(run.scores.shape)
+            what = " (checkpoints, tests, training)" if run.checkpoint_indexed else ""
+            raise ValueError(f"Scores of {run.label!r} have shape {shape}, expected {expected}{what}.")
+
+    # -- the runs as dicts -----------------------------------------------------------------------
     @property
     def labels(self) -> list[str]:
-        return list(self.scores)
+        """Labels of the estimators with scores (failed ones are in :attr:`failed`)."""
+        return [r.label for r in self.runs if r.ok]
 
+    @property
+    def scores(self) -> dict[str, Tensor]:
+        return {r.label: r.scores for r in self.runs if r.ok}
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {r.label: r.seconds for r in self.runs}
+
+    @property
+    def peak_memory(self) -> dict[str, int]:
+        return {r.label: r.peak_memory for r in self.runs if r.peak_memory is not None}
+
+    @property
+    def settings(self) -> dict[str, dict[str, Any]]:
+        return {r.label: r.settings for r in self.runs}
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """``{label: error}`` of the estimators that failed."""
+        return {r.label: r.error for r in self.runs if not r.ok}
+
+    @property
+    def horizon_matched(self) -> list[str]:
+        """Labels of the checkpoint-indexed estimators (compared with the gold standard per checkpoint)."""
+        return [r.label for r in self.runs if r.ok and r.checkpoint_indexed]
+
+    def run(self, label: str) -> EstimatorRun:
+        """The successful run of ``label``; an unknown label raises an error listing the valid ones."""
+        for r in self.runs:
+            if r.label == label and r.ok:
+                return r
+        failed = f" ({label!r} failed: {self.failed[label]})" if label in self.failed else ""
+        raise ConfigurationError(f"No scores for estimator {label!r}{failed}. Valid labels: {self.labels}.")
+
+    # -- evaluation ------------------------------------------------------------------------------
     def require_gold(self) -> GoldStandard:
         if self.gold is None:
             raise ValueError("This report has no gold standard; run with a FurtherTrainingLoop to evaluate.")
@@ -158,10 +186,15 @@ class AttributionReport:
             self._cache[key] = compute()
         return self._cache[key]
 
+    def final_scores(self, label: str) -> Tensor:
+        """``[T, N]`` scores: the estimator's scores, or its last checkpoint's when checkpoint-indexed."""
+        run = self.run(label)
+        return run.scores[-1] if run.checkpoint_indexed else run.scores
+
     def aligned_scores(self, label: str) -> Tensor:
-        """The estimator's scores on the gold standard's ``[T_gold, m]`` grid (its tests × LOO set)."""
+        """Scores on the gold standard's grid (its tests × LOO set): ``[T_gold, m]`` or ``[C, T_gold, m]``."""
         self.require_gold()
-        return self.scores[label][self._rows][:, self._columns]
+        return self.run(label).scores[..., self._rows, :][..., self._columns]
 
     def agreement(self, label: str, adjust: str = "mean", method: str = "cosine") -> Agreement:
         """Agreement curve ``[C]`` (mean ± s.e. over tests) of ``label`` with the gold standard."""
@@ -190,178 +223,62 @@ class AttributionReport:
         """AUC-ROC of the estimator's scores for the flipped labels (``None`` without ``mislabeled``)."""
         if self.mislabeled is None:
             return None
-        return float(mislabel_auroc(self.scores[label], self.mislabeled))
+        return float(mislabel_auroc(self.final_scores(label), self.mislabeled))
 
-    def top_k(self, label: str, k: int = 5):
+    def top_k(self, label: str, k: int = 5) -> TopK:
         """Most helpful and most harmful training instances per test instance (dataset indices)."""
-        return top_k_examples(self.scores[label], min(k, self.train_indices.numel()), self.train_indices)
+        return top_k_examples(self.final_scores(label), min(k, self.train_indices.numel()), self.train_indices)
 
     def table(self, adjust: str = "mean") -> list[dict[str, Any]]:
-        """One row per estimator: peak and final agreement (when there is a gold standard) and cost."""
+        """One row per estimator with scores: peak and final agreement (with a gold standard) and cost."""
         rows = []
-        for label in self.labels:
+        for run in (r for r in self.runs if r.ok):
             row: dict[str, Any] = {
-                "estimator": label,
-                "seconds": self.seconds.get(label, float("nan")),
-                "peak_memory_mib": self.peak_memory.get(label, 0) / 2**20,
+                "estimator": run.label,
+                "seconds": run.seconds,
+                "peak_memory_mib": (run.peak_memory or 0) / 2**20,
             }
             if self.gold is not None:
                 for method in METHODS:
-                    curve = self.agreement(label, adjust, method)
+                    curve = self.agreement(run.label, adjust, method)
                     i, mean, sem = curve.peak()
                     row[f"peak_{method}"] = (mean, sem, self.gold.checkpoints[i])
                     row[f"final_{method}"] = (float(curve.mean[-1]), float(curve.sem[-1]))
             rows.append(row)
         return rows
 
-    # -- text ----------------------------------------------------------------------------------
-    def _checkpoint_word(self) -> str:
-        return self.gold.checkpoint_unit if self.gold is not None else "checkpoint"
-
+    # -- text (see lightning_fimoda.rendering) ------------------------------------------------------
     def summary(self, adjust: str = "mean") -> str:
         """A fixed-width table of agreement and cost per estimator (printed at the end of a run)."""
-        unit = self._checkpoint_word()
-        head = ["estimator"]
-        if self.gold is not None:
-            head += ["peak cosine", unit, "peak Spearman", unit]
-        head += ["time (s)", "memory (MiB)"]
-        body = []
-        for row in self.table(adjust):
-            line = [row["estimator"]]
-            if self.gold is not None:
-                for method in METHODS:
-                    mean, sem, at = row[f"peak_{method}"]
-                    line += [_fmt(mean, sem), str(at)]
-            line += [f"{row['seconds']:.2f}", f"{row['peak_memory_mib']:.1f}"]
-            body.append(line)
-        if self.gold is not None:
-            ceiling = self.noise_ceiling(adjust, "cosine")
-            if ceiling is not None:
-                i, mean, sem = ceiling.peak()
-                body.append(["noise ceiling", _fmt(mean, sem), str(self.gold.checkpoints[i]), "", "", "", ""])
-        widths = [max(len(r[c]) for r in [head, *body]) for c in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *body]]
-        title = "Attribution vs further training" if self.gold is not None else "Attribution"
-        if self.gold is not None:
-            title += f" ({adjust} adjustment, mean ± s.e. over {self.gold.test_indices.numel()} tests)"
-        return "\n".join([title, lines[0], "-" * len(lines[0]), *lines[1:]])
+        from .rendering import console_table
+
+        return console_table(self, adjust)
 
     def to_markdown(self, top_k: int = 5, max_tests: int = 5) -> str:
         """The report as Markdown: agreement tables, seed averaging, top examples, settings, versions."""
-        out = ["# Attribution report", ""]
-        out += [f"- {k.replace('_', ' ')}: {v}" for k, v in self.info.items() if k != "versions"]
-        out.append(
-            f"- scored: {self.train_indices.numel()} training × {self.test_indices.numel()} test instances"
-        )
-        out.append(f"- peak memory: {self.memory_kind or 'not measured'}")
-        out.append("- sign: positive = the training instance helps the test instance (SPEC §1)")
-        if self.gold is not None:
-            out += self._markdown_gold()
-        else:
-            out += ["", "## Cost", "", "| estimator | time (s) | peak memory (MiB) |", "|---|---:|---:|"]
-            out += [
-                f"| {r['estimator']} | {r['seconds']:.2f} | {r['peak_memory_mib']:.1f} |" for r in self.table()
-            ]
-        if self.mislabeled is not None:
-            out += ["", f"## Mislabel detection ({int(self.mislabeled.sum())} flipped of "
-                    f"{self.mislabeled.numel()}; AUC-ROC of −Σ_tests score)", "",
-                    "| estimator | AUC |", "|---|---:|"]
-            out += [f"| {label} | {self.mislabel_auc(label):.3f} |" for label in self.labels]
-        out += self._markdown_top(top_k, max_tests)
-        out += ["", "## Estimator settings", ""]
-        out += [f"- **{label}**: `{json.dumps(self.settings.get(label, {}), sort_keys=True)}`" for label in self.labels]
-        versions = self.info.get("versions", {})
-        if versions:
-            out += ["", "## Library versions", "", ", ".join(f"{k} {v}" for k, v in versions.items())]
-        return "\n".join(out) + "\n"
+        from .rendering import markdown
 
-    def _markdown_gold(self) -> list[str]:
-        gold = self.require_gold()
-        unit = gold.checkpoint_unit
-        out = [
-            f"- gold standard: {gold!r}",
-            f"- checkpoints ({unit}s): {', '.join(str(c) for c in gold.checkpoints)}",
-        ]
-        for adjust in gold.adjustments:
-            out += [
-                "",
-                f"## Agreement with further training ({adjust} adjustment)",
-                "",
-                f"Mean ± standard error over {gold.test_indices.numel()} test instances; peak over {unit}s.",
-                "",
-                f"| estimator | peak cosine | at {unit} | final cosine | peak Spearman | at {unit} "
-                "| time (s) | peak memory (MiB) |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|",
-            ]
-            for r in self.table(adjust):
-                pc, fc, ps = r["peak_cosine"], r["final_cosine"], r["peak_spearman"]
-                out.append(
-                    f"| {r['estimator']} | {_fmt(pc[0], pc[1])} | {pc[2]} | {_fmt(*fc)} | {_fmt(ps[0], ps[1])} "
-                    f"| {ps[2]} | {r['seconds']:.2f} | {r['peak_memory_mib']:.1f} |"
-                )
-            ceilings = [self.noise_ceiling(adjust, m) for m in METHODS]
-            if ceilings[0] is not None:
-                (ic, mc, sc), (is_, ms, ss) = (c.peak() for c in ceilings)
-                final = ceilings[0]
-                out.append(
-                    f"| *noise ceiling (split-half)* | {_fmt(mc, sc)} | {gold.checkpoints[ic]} "
-                    f"| {_fmt(float(final.mean[-1]), float(final.sem[-1]))} | {_fmt(ms, ss)} "
-                    f"| {gold.checkpoints[is_]} | | |"
-                )
-            out += ["", f"### Seed averaging ({adjust} adjustment): peak cosine with groups of k seeds", ""]
-            out.append("| estimator | " + " | ".join(f"k = {k}" for k in self.seed_ks) + " |")
-            out.append("|---|" + "---:|" * len(self.seed_ks))
-            for label in self.labels:
-                curves = self.seed_averaging(label, adjust)
-                cells = []
-                for k in self.seed_ks:
-                    _, mean, sem = curves[k].peak()
-                    cells.append(_fmt(mean, sem))
-                out.append(f"| {label} | " + " | ".join(cells) + " |")
-        return out
-
-    def _markdown_top(self, k: int, max_tests: int) -> list[str]:
-        shown = min(max_tests, self.test_indices.numel())
-        out = [
-            "",
-            f"## Most helpful / most harmful training instances (first {shown} test instances, k = "
-            f"{min(k, self.train_indices.numel())})",
-            "",
-        ]
-        for label in self.labels:
-            top = self.top_k(label, k)
-            out += [f"**{label}**", "", "| test | most helpful (index: score) | most harmful (index: score) |",
-                    "|---:|---|---|"]
-            for t in range(shown):
-                helpful = ", ".join(
-                    f"{int(i)}: {float(s):.3g}" for i, s in zip(top.helpful_indices[t], top.helpful_scores[t])
-                )
-                harmful = ", ".join(
-                    f"{int(i)}: {float(s):.3g}" for i, s in zip(top.harmful_indices[t], top.harmful_scores[t])
-                )
-                out.append(f"| {int(self.test_indices[t])} | {helpful} | {harmful} |")
-            out.append("")
-        return out[:-1]
+        return markdown(self, top_k, max_tests)
 
     def print_summary(self) -> None:
         print(self.summary(), flush=True)
 
     def __repr__(self) -> str:
         gold = "none" if self.gold is None else repr(self.gold)
+        failed = f", failed={list(self.failed)}" if self.failed else ""
         return (
-            f"AttributionReport(estimators={self.labels}, n_test={self.test_indices.numel()}, "
+            f"AttributionReport(estimators={self.labels}{failed}, n_test={self.test_indices.numel()}, "
             f"n_train={self.train_indices.numel()}, gold={gold})"
         )
 
     # -- persistence ------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
+        runs = [{"label": r.label, **{k: getattr(r, k) for k in _RUN_FIELDS}} for r in self.runs]
         return {
             "format_version": FORMAT_VERSION,
             "labels": self.labels,
-            "seconds": self.seconds,
-            "peak_memory": self.peak_memory,
+            "runs": runs,
             "memory_kind": self.memory_kind,
-            "settings": self.settings,
             "seed_ks": self.seed_ks,
             "info": self.info,
         }
@@ -370,7 +287,8 @@ class AttributionReport:
         """Write the report into ``directory`` (created if needed); returns the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"scores/{label}": s.contiguous() for label, s in self.scores.items()}
+        # clones: scores may share memory (views of one tensor), which safetensors refuses
+        tensors = {f"scores/{label}": s.detach().clone() for label, s in self.scores.items()}
         tensors["train_indices"] = self.train_indices.contiguous()
         tensors["test_indices"] = self.test_indices.contiguous()
         if self.mislabeled is not None:
@@ -379,6 +297,7 @@ class AttributionReport:
         gold_path = directory / GOLD_FILE
         if self.gold is not None:
             self.gold.save(gold_path)
+            os.chmod(gold_path, file_mode())
         elif gold_path.exists():
             gold_path.unlink()
         text = json.dumps(self._metadata(), indent=2, sort_keys=False)
@@ -404,16 +323,18 @@ class AttributionReport:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: unsupported report format {meta.get('format_version')!r}.")
         tensors = load_file(str(directory / SCORES_FILE))
+        runs = [
+            EstimatorRun(r["label"], tensors.get(f"scores/{r['label']}") if r["error"] is None else None,
+                         **{k: r[k] for k in _RUN_FIELDS})
+            for r in meta["runs"]
+        ]
         gold_path = directory / GOLD_FILE
         return cls(
-            scores={label: tensors[f"scores/{label}"] for label in meta["labels"]},
-            train_indices=tensors["train_indices"],
-            test_indices=tensors["test_indices"],
-            gold=GoldStandard.load(gold_path) if gold_path.exists() else None,
-            seconds=meta["seconds"],
-            peak_memory=meta["peak_memory"],
+            runs,
+            tensors["train_indices"],
+            tensors["test_indices"],
+            GoldStandard.load(gold_path) if gold_path.exists() else None,
             memory_kind=meta["memory_kind"],
-            settings=meta["settings"],
             mislabeled=tensors.get("mislabeled"),
             seed_ks=meta["seed_ks"],
             info=meta["info"],
@@ -421,26 +342,30 @@ class AttributionReport:
 
     def equals(self, other: AttributionReport) -> bool:
         """Exact equality of every tensor and field."""
-        same_gold = (self.gold is None and other.gold is None) or (
-            self.gold is not None and other.gold is not None and self.gold.equals(other.gold)
-        )
-        same_flags = (self.mislabeled is None and other.mislabeled is None) or (
-            self.mislabeled is not None
-            and other.mislabeled is not None
-            and torch.equal(self.mislabeled, other.mislabeled)
-        )
         return (
-            self.labels == other.labels
+            _same(self.gold, other.gold, lambda a, b: a.equals(b))
+            and _same(self.mislabeled, other.mislabeled, torch.equal)
+            and self.labels == other.labels
             and all(
                 self.scores[k].dtype == other.scores[k].dtype and torch.equal(self.scores[k], other.scores[k])
                 for k in self.labels
             )
             and torch.equal(self.train_indices, other.train_indices)
             and torch.equal(self.test_indices, other.test_indices)
-            and same_gold
-            and same_flags
-            and self._metadata() == other._metadata()
+            and json.dumps(self._metadata()) == json.dumps(other._metadata())  # as text: NaN equals NaN
         )
+
+
+def _same(a: Any, b: Any, equal: Any) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and equal(a, b))
+
+
+def _seed_ks(seed_ks: list[int] | None, num: int) -> list[int]:
+    ks = sorted({2**i for i in range(num.bit_length())} | {num}) if seed_ks is None else [int(k) for k in seed_ks]
+    bad = [k for k in ks if not 1 <= k <= num]
+    if bad:
+        raise ValueError(f"seed_ks {bad} not between 1 and the {num} seeds run.")
+    return ks
 
 
 def _positions(haystack: Tensor, needles: Tensor, what: str) -> Tensor:
@@ -453,4 +378,3 @@ def _positions(haystack: Tensor, needles: Tensor, what: str) -> Tensor:
             "score a superset of the gold standard's indices."
         )
     return torch.tensor([lookup[int(v)] for v in needles.tolist()], dtype=torch.long)
-

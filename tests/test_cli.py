@@ -47,9 +47,10 @@ def write_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_run_then_attribute_checkpoint_then_report(tmp_path, capsys):
+def test_run_then_attribute_checkpoint_then_report(tmp_path, capsys, caplog):
     config = write_config(tmp_path)
     assert main(["run", str(config)]) == 0
+    assert "Tip:" not in caplog.text  # Lightning's tips are silenced
     run_dir = tmp_path / "runs" / "tiny" / "version_0"
     fimoda_dir = run_dir / "fimoda"
     trained = AttributionReport.load(fimoda_dir)
@@ -62,7 +63,9 @@ def test_run_then_attribute_checkpoint_then_report(tmp_path, capsys):
     out = tmp_path / "from_ckpt"
     assert main(["attribute", "--checkpoint", str(ckpt), "--config", str(config), f"--fimoda.output_dir={out}"]) == 0
     again = AttributionReport.load(out)
-    assert again.info["trained_steps"] == 0
+    # the checkpoint is recorded with the training it had (not "trained epochs: 0")
+    assert again.info["trained_steps"] == 6 and again.info["trained_epochs"] == 2
+    assert again.info["checkpoint"] == str(ckpt.resolve())
     for label in trained.labels:
         assert torch.allclose(again.scores[label], trained.scores[label], rtol=1e-12, atol=0)
     assert torch.allclose(again.gold.loo, trained.gold.loo, rtol=1e-12, atol=0)

@@ -175,3 +175,47 @@ def test_custom_task_with_dict_batches():
     got = per_sample_gradients(model, task, data)
     want = per_sample_gradients(model, SupervisedTask("mse"), base)
     torch.testing.assert_close(got.flat, want.flat)
+
+
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])})
+        self.fc1, self.fc2, self.head = nn.Linear(4, 3), nn.Linear(3, 3), nn.Linear(3, 1)
+
+
+@pytest.mark.parametrize(
+    ("selection", "want"),
+    [
+        (["encoder.layer.1.*"], ["encoder.layer.1.weight", "encoder.layer.1.bias"]),
+        (["fc*"], ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]),
+        (["encoder.layer.[02]"], ["encoder.layer.0.weight", "encoder.layer.0.bias",
+                                  "encoder.layer.2.weight", "encoder.layer.2.bias"]),
+        (["*.bias", "head"], ["encoder.layer.0.bias", "encoder.layer.1.bias", "encoder.layer.2.bias",
+                              "fc1.bias", "fc2.bias", "head.weight", "head.bias"]),
+        (["head.weight", "encoder"], [f"encoder.layer.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+         + ["head.weight"]),
+        ("fc2", ["fc2.weight", "fc2.bias"]),
+    ],
+)
+def test_select_parameters_by_names_modules_and_globs(selection, want):
+    from lightning_fimoda.functional import FunctionalTask, select_parameters
+
+    model = Nested()
+    got = select_parameters(model, selection)
+    order = [n for n, _ in model.named_parameters()]
+    assert got == sorted(want, key=order.index)  # named_parameters order, no duplicates
+    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+    assert FunctionalTask(model, SupervisedTask("mse"), selection).num_params == sum(sizes[n] for n in want)
+
+
+def test_selection_errors_list_modules_and_num_params_is_exposed():
+    from lightning_fimoda.exceptions import ConfigurationError
+    from lightning_fimoda.functional import select_parameters
+
+    with pytest.raises(ConfigurationError, match=r"matches no trainable parameter.*encoder\.layer\.0.*fc1.*head"):
+        select_parameters(Nested(), ["decoder.*"])
+    with pytest.raises(ConfigurationError, match="non-empty strings"):
+        select_parameters(Nested(), [""])
+    model, data, task = make_mlp(), make_regression(4), SupervisedTask("mse")
+    assert per_sample_gradients(model, task, data, params=["0*"]).num_params == 6 * 4 + 6

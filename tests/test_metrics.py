@@ -261,3 +261,23 @@ def test_mislabel_metric_and_empty_compute():
     assert float(metric.compute()) == pytest.approx(float(mislabel_auroc(scores, flipped)))
     with pytest.raises(ValueError, match="before update"):
         AttributionAgreement().compute()
+
+
+# -- checkpoint-indexed scores (issue 15.4) ----------------------------------------------------------------
+def test_checkpoint_indexed_scores_are_compared_at_the_same_checkpoint():
+    gold = rand(3, 4, 6, seed=1)
+    scores = gold * torch.tensor([2.0, 0.5, 3.0], dtype=torch.float64)[:, None, None]  # same direction per c
+    curve = agreement(scores, gold)
+    assert torch.allclose(curve.mean, torch.ones(3, dtype=torch.float64), atol=1e-12)
+    other = agreement(rand(3, 4, 6, seed=2), gold)
+    noise = rand(3, 4, 6, seed=2)
+    by_hand = [sum(py_cosine(noise[c, t].tolist(), gold[c, t].tolist()) for t in range(4)) / 4 for c in range(3)]
+    assert other.mean.tolist() == pytest.approx(by_hand, abs=1e-12)
+    metric = AgreementCurve()
+    metric.update(noise[:, :2], gold[:, :2])
+    metric.update(noise[:, 2:], gold[:, 2:])
+    assert torch.allclose(metric.compute().mean, other.mean, atol=1e-12)
+    differences = gold.unsqueeze(0).expand(4, -1, -1, -1)  # 4 identical seeds
+    assert torch.allclose(seed_averaging(scores, differences, [2])[2].mean, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="same shape"):
+        agreement(scores[:2], gold)

@@ -11,7 +11,7 @@ import torch
 from lightning_fimoda import GoldStandard, GradientCache, SupervisedTask, attribute
 from lightning_fimoda.attribute import run_estimators
 from lightning_fimoda.cli import main as fimoda_main
-from lightning_fimoda.metrics import agreement, noise_ceiling, seed_averaging
+from lightning_fimoda.metrics import agreement, noise_ceiling, seed_averaging, top_k_examples
 from lightning_fimoda.plotting import render_figures, save_figures
 from lightning_fimoda.profiling import PeakMemory
 from lightning_fimoda.report import AttributionReport, jsonable
@@ -53,7 +53,7 @@ def make_report(gold: GoldStandard | None = None, **kwargs) -> AttributionReport
         info={"model": "MLP", "versions": {"torch": torch.__version__}},
     )
     defaults.update(kwargs)
-    return AttributionReport(**defaults)
+    return AttributionReport.from_scores(**defaults)
 
 
 def test_evaluation_aligns_columns_and_rows_with_the_gold_standard():
@@ -191,3 +191,40 @@ def test_peak_memory_is_not_hidden_by_garbage_collected_during_the_block():
         block += 1
     del block
     assert meter.peak_bytes >= 30 * 2**20
+
+
+# -- figures: integer checkpoint ticks, 9+ distinguishable estimators (issue 12.8) ------------------------
+def test_agreement_figure_has_integer_ticks_and_distinct_non_grey_styles():
+    from matplotlib.colors import to_rgb
+
+    from lightning_fimoda.plotting import _style, agreement_figure
+
+    styles = [_style(i) for i in range(12)]
+    assert len({(to_rgb(s["color"]), s["linestyle"], s["marker"]) for s in styles}) == 12
+    assert len({to_rgb(s["color"]) for s in styles[:9]}) == 9
+    assert not any(len(set(to_rgb(s["color"]))) == 1 for s in styles)  # grey is the noise ceiling's
+    gold = make_gold()
+    gold.checkpoints, gold.checkpoint_unit = [1, 2, 3], "epoch"
+    scores = {f"e{i}": rand(4, 10, seed=i) for i in range(10)}
+    fig = agreement_figure(AttributionReport.from_scores(scores, torch.arange(10), torch.arange(4), gold))
+    ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_checkpoint_indexed_scores_in_the_report_match_the_gold_standard_per_checkpoint(tmp_path):
+    gold = make_gold()
+    train_idx, test_idx = torch.arange(10), torch.arange(4)
+    exact = torch.zeros(3, 4, 10, dtype=torch.float64)
+    exact[:, gold.test_indices[:, None], gold.loo_indices] = gold.scores("full")  # gold-like, per checkpoint
+    report = AttributionReport.from_scores({"copy": exact, "flat": exact[0]}, train_idx, test_idx, gold,
+                                           checkpoint_indexed=("copy",))
+    assert torch.allclose(report.agreement("copy", "full").mean, torch.ones(3, dtype=torch.float64), atol=1e-12)
+    assert not torch.allclose(report.agreement("flat", "full").mean, torch.ones(3, dtype=torch.float64))
+    assert report.horizon_matched == ["copy"] and "horizon-matched" in report.to_markdown()
+    assert "copy *" in report.summary()  # marked horizon-matched in the console table
+    assert torch.equal(report.top_k("copy", 3).helpful_indices, top_k_examples(exact[-1], 3, train_idx).helpful_indices)
+    assert set(render_figures(report)) >= {"agreement_full_cosine", "sorted_scores"}
+    report.save(tmp_path)
+    assert AttributionReport.load(tmp_path).equals(report)
+    with pytest.raises(ValueError, match=r"expected \(3, 4, 10\) \(checkpoints, tests, training\)"):
+        AttributionReport.from_scores({"copy": exact[:2]}, train_idx, test_idx, gold, checkpoint_indexed=("copy",))

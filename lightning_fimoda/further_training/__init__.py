@@ -1,7 +1,15 @@
 """Leave-one-out further training: the gold standard of SPEC §2 (see :class:`FurtherTrainingLoop`)."""
 
+from .config import FurtherTrainingConfig
 from .loop import CostEstimate, FurtherTrainingLoop
-from .optimizers import OptimizerConfig
-from .spec import TrainingSpec, epoch_permutation
+from .plan import TrainingPlan
+from .schedule import Schedule, epoch_permutation
 
-__all__ = ["CostEstimate", "FurtherTrainingLoop", "OptimizerConfig", "TrainingSpec", "epoch_permutation"]
+__all__ = [
+    "CostEstimate",
+    "FurtherTrainingConfig",
+    "FurtherTrainingLoop",
+    "Schedule",
+    "TrainingPlan",
+    "epoch_permutation",
+]

@@ -13,7 +13,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["all_gather", "barrier", "rank_and_world", "shard"]
+from ..exceptions import MismatchError
+from .fingerprint import differences
+
+__all__ = ["all_gather", "check_same_job", "rank_and_world", "shard"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -28,11 +31,6 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
-def barrier() -> None:
-    if rank_and_world()[1] > 1:
-        dist.barrier()
-
-
 def all_gather(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` outside a process group)."""
     world = rank_and_world()[1]
@@ -41,3 +39,20 @@ def all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_same_job(fingerprint: dict[str, Any]) -> None:
+    """Compare every rank's job fingerprint with rank 0's before any work (a no-op outside a group).
+
+    Raises :class:`MismatchError` on every rank, naming the ranks and the differing components, so a
+    rank holding other weights, data or settings never contributes units.
+    """
+    gathered = all_gather(fingerprint)
+    diffs = {r: differences(gathered[0], fp) for r, fp in enumerate(gathered) if r}
+    diffs = {r: d for r, d in diffs.items() if d}
+    if diffs:
+        named = "; ".join(f"rank {r} differs from rank 0 in {d}" for r, d in diffs.items())
+        raise MismatchError(
+            f"The ranks of this torch.distributed job are not running the same further-training job: {named}. "
+            "Every rank must call run() with the same model weights, task, data and settings."
+        )

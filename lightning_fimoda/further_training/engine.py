@@ -29,9 +29,10 @@ from torch.utils._pytree import tree_map
 
 from .._data import load_batch
 from ..functional import FunctionalTask, eval_mode
+from .checks import check_loss_finite, check_measurements_finite
 from .mlp import MLPKernel
-from .optimizers import clip_grad_norm
-from .spec import TrainingSpec, epoch_permutation
+from .optimizers import StackedOptimizer, clip_grad_norm
+from .schedule import Schedule, epoch_permutation
 
 __all__ = ["run_vectorised"]
 
@@ -54,25 +55,59 @@ class _Round:
 
 def run_vectorised(
     fn: FunctionalTask,
-    spec: TrainingSpec,
+    spec: Schedule,
     seed: int,
     members: list[int | None],
     train_dataset: Any,
     test_batch: Any,
     kernel: MLPKernel | None = None,
     on_step: Callable[[int], None] | None = None,
+    test_indices: Tensor | None = None,
 ) -> Tensor:
     """Measurements ``[C, n_test, K]`` of the member runs (``None`` = full run, ``j`` = leave out ``j``).
 
     ``kernel``: hand-written batched gradients for supported MLPs; ``None``: ``vmap(grad)`` of the task.
     ``on_step(k)``: called after every round with the number of runs that stepped (progress).
+    ``test_indices``: dataset indices of ``test_batch``'s rows (named when a measurement is not finite).
     """
-    task = fn.task
     k = len(members)
-    first = next(iter(fn.params.values()))
-    device, dtype = first.device, first.dtype
+    device = next(iter(fn.params.values())).device
     params = {n: p.detach().unsqueeze(0).repeat(k, *([1] * p.dim())) for n, p in fn.params.items()}
-    state = spec.optimizer.init(params)
+    optimizer = StackedOptimizer(spec.config)
+    state = optimizer.init(params)
+    step_grad = _gradient_fn(fn, spec, members, train_dataset, params, kernel)
+    measure = vmap(fn.measurement, in_dims=(0, None))
+
+    measured: list[Tensor] = []
+    with eval_mode(fn.model):
+        for step, rnd in enumerate(_rounds(spec, seed, members), start=1):
+            grads, loss = step_grad(rnd)
+            check_loss_finite(loss, rnd.active, seed, step, members)
+            if spec.grad_clip is not None:
+                grads = clip_grad_norm(grads, spec.grad_clip)
+            active = rnd.active.to(device) if rnd.active is not None else None
+            optimizer.step(params, grads, state, active)
+            if on_step is not None:
+                on_step(k if active is None else int(active.sum()))
+            if rnd.checkpoint:
+                with torch.no_grad():
+                    measured.append(measure(params, test_batch).T.detach())
+                check_measurements_finite(measured[-1], seed, step, members, test_indices)
+    return torch.stack(measured)
+
+
+def _gradient_fn(
+    fn: FunctionalTask,
+    spec: Schedule,
+    members: list[int | None],
+    train_dataset: Any,
+    params: dict[str, Tensor],
+    kernel: MLPKernel | None,
+) -> Callable[[_Round], tuple[dict[str, Tensor], Tensor]]:
+    """``round -> (gradients {name: [K, ...]}, losses [K])`` of every member at the current ``params``."""
+    task, k = fn.task, len(members)
+    first = next(iter(params.values()))
+    device, dtype = first.device, first.dtype
     is_loo = torch.tensor([j is not None for j in members], device=device)
     j_vec = torch.tensor([j if j is not None else 0 for j in members])
 
@@ -80,18 +115,20 @@ def run_vectorised(
         z_j = load_batch(task, train_dataset, j_vec, device)
         coef = is_loo.to(dtype) / spec.n
     if kernel is not None:
+        if spec.leave_out == "subtract":
+            z_x, z_y = kernel.unpack(z_j)
 
         def step_grad(rnd: _Round) -> tuple[dict[str, Tensor], Tensor]:
             if rnd.shared is not None:
-                x, y = load_batch(task, train_dataset, rnd.shared, device)
+                x, y = kernel.unpack(load_batch(task, train_dataset, rnd.shared, device))
                 b = x.shape[0]
-                x = torch.cat([x.expand(k, *x.shape), z_j[0].unsqueeze(1)], dim=1)
-                y = torch.cat([y.expand(k, *y.shape), z_j[1].unsqueeze(1)], dim=1)
+                x = torch.cat([x.expand(k, *x.shape), z_x.unsqueeze(1)], dim=1)
+                y = torch.cat([y.expand(k, *y.shape), z_y.unsqueeze(1)], dim=1)
                 w = torch.cat(
                     [torch.full((k, b), 1.0 / b, dtype=dtype, device=device), -coef[:, None]], dim=1
                 )
             else:
-                x, y = _per_member(load_batch(task, train_dataset, rnd.idx.reshape(-1), device), k)
+                x, y = _per_member(kernel.unpack(load_batch(task, train_dataset, rnd.idx.reshape(-1), device)), k)
                 w = rnd.weight.to(device=device, dtype=dtype)
             return kernel.grad_and_value(params, x, y, w)
 
@@ -117,23 +154,7 @@ def run_vectorised(
             batch = _per_member(load_batch(task, train_dataset, rnd.idx.reshape(-1), device), k)
             return drop_grad(params, batch, rnd.weight.to(device=device, dtype=dtype))
 
-    measure = vmap(fn.measurement, in_dims=(0, None))
-
-    measured: list[Tensor] = []
-    with eval_mode(fn.model):
-        for step, rnd in enumerate(_rounds(spec, seed, members), start=1):
-            grads, loss = step_grad(rnd)
-            _check_finite(loss, rnd.active, seed, step, members)
-            if spec.grad_clip is not None:
-                grads = clip_grad_norm(grads, spec.grad_clip)
-            active = rnd.active.to(device) if rnd.active is not None else None
-            spec.optimizer.step(params, grads, state, active)
-            if on_step is not None:
-                on_step(k if active is None else int(active.sum()))
-            if rnd.checkpoint:
-                with torch.no_grad():
-                    measured.append(measure(params, test_batch).T.detach())
-    return torch.stack(measured)
+    return step_grad
 
 
 def _per_member(flat: Any, k: int) -> Any:
@@ -143,21 +164,6 @@ def _per_member(flat: Any, k: int) -> Any:
 
 def _unsqueeze1(t: Any) -> Any:
     return t.unsqueeze(1) if isinstance(t, Tensor) else t
-
-
-def _check_finite(
-    loss: Tensor, active: Tensor | None, seed: int, step: int, members: list[int | None]
-) -> None:
-    bad = ~torch.isfinite(loss)
-    if active is not None:
-        bad &= active.to(bad.device)
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        run = "the full run" if members[k] is None else f"the run leaving out training index {members[k]}"
-        raise FloatingPointError(
-            f"Non-finite further-training loss ({loss[k].item()}) at seed {seed}, step {step}, in {run}. "
-            "Lower lr or set grad_clip."
-        )
 
 
 # -- the lockstep schedule -------------------------------------------------------------------------
@@ -179,7 +185,7 @@ class _Permutations:
         return self._cache[epoch]
 
 
-def _rounds(spec: TrainingSpec, seed: int, members: list[int | None]) -> Iterator[_Round]:
+def _rounds(spec: Schedule, seed: int, members: list[int | None]) -> Iterator[_Round]:
     """The rounds of one seed's runs, in order (see :class:`_Round`)."""
     perms = _Permutations(seed, spec.n)
     b = spec.batch_size

@@ -35,6 +35,7 @@ class MLPKernel:
         if reason:
             raise ValueError(f"The 'mlp' engine cannot run this model: {reason}. Use engine='vectorised'.")
         self.loss = task.loss
+        self.unpack = task.unpack  # batch -> (x [.., d_in], y): the task's layout, not the engine's
         body, prefix = _sequential_body(model)
         self.layers: list[tuple[str, nn.Module]] = [(prefix + n, m) for n, m in body.named_children()]
 

@@ -1,6 +1,6 @@
 """Functional optimizers over stacked parameters ``{name: [K, *shape]}``, matching ``torch.optim``.
 
-One :class:`OptimizerConfig` describes the further-training optimizer ``A'`` (SPEC §2). It builds the
+:class:`StackedOptimizer` is the further-training optimizer ``A'`` of a config (SPEC §2). It builds the
 ``torch.optim`` optimizer for the sequential path and runs the same update functionally for ``K``
 models at once in the vectorised engine: SGD (optional momentum, dampening 0), Adam (L2 weight decay
 added to the gradient) and AdamW (decoupled decay ``θ ← θ (1 − lr·wd)``), with the exact operation
@@ -10,51 +10,28 @@ over all its parameters, as ``torch.nn.utils.clip_grad_norm_``) and applied befo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["OPTIMIZERS", "OptimizerConfig", "clip_grad_norm"]
+if TYPE_CHECKING:
+    from .config import FurtherTrainingConfig
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+__all__ = ["StackedOptimizer", "clip_grad_norm"]
+
 Stacked = dict[str, Tensor]
 
 
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """Hyperparameters of the further-training optimizer (validated on construction)."""
+class StackedOptimizer:
+    """The optimizer of a :class:`FurtherTrainingConfig`: ``torch.optim`` for one model, or the same
+    update run functionally for ``K`` stacked models (hyperparameters validated by the config)."""
 
-    name: str
-    lr: float
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}.")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}.")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-        if self.momentum and self.name != "sgd":
-            raise ValueError(f"momentum applies to optimizer='sgd' only; {self.name!r} uses betas.")
-        b1, b2 = self.betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"betas must lie in [0, 1), got {self.betas!r}.")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}.")
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        return out
+    def __init__(self, config: FurtherTrainingConfig) -> None:
+        self.name, self.lr = config.optimizer, config.lr
+        self.weight_decay, self.momentum = config.weight_decay, config.momentum
+        self.betas, self.eps = tuple(config.betas), config.eps
 
     # -- the reference: torch.optim -----------------------------------------------------------
     def torch_optimizer(self, params: Iterable[Tensor]) -> torch.optim.Optimizer:

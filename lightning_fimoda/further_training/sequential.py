@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from .._data import load_batch
 from ..functional import eval_mode
 from ..task import AttributionTask
-from .spec import TrainingSpec, epoch_permutation
+from .checks import check_loss_finite, check_measurements_finite
+from .optimizers import StackedOptimizer
+from .schedule import Schedule, epoch_permutation
 
 __all__ = ["run_sequential"]
 
@@ -31,33 +33,34 @@ __all__ = ["run_sequential"]
 def run_sequential(
     model: nn.Module,
     task: AttributionTask,
-    spec: TrainingSpec,
+    spec: Schedule,
     seed: int,
     members: list[int | None],
     train_dataset: Any,
     test_batch: Any,
-    train_mode: bool = False,
     on_step: Callable[[int], None] | None = None,
+    test_indices: Tensor | None = None,
 ) -> Tensor:
     """Measurements ``[C, n_test, K]`` of each member run (``None`` = full run, ``j`` = leave out ``j``).
 
-    ``on_step(1)`` is called after every optimizer step (progress).
+    Trains in train mode when ``spec.train_mode``. ``on_step(1)`` is called after every optimizer
+    step (progress); ``test_indices`` name ``test_batch``'s rows in errors.
     """
     device = next(model.parameters()).device
     cols = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for j in members:
-            cols.append(
-                _one_run(model, task, spec, seed, j, train_dataset, test_batch, train_mode, device, on_step)
-            )
+            measure = _Measure(task, test_batch, seed, j, test_indices)
+            cols.append(_one_run(model, task, spec, seed, j, train_dataset, measure, device, on_step))
     return torch.stack(cols, dim=-1)
 
 
-def _one_run(model, task, spec, seed, j, dataset, test_batch, train_mode, device, on_step) -> Tensor:
+def _one_run(model, task, spec, seed, j, dataset, measure, device, on_step) -> Tensor:
+    train_mode = spec.train_mode
     net = copy.deepcopy(model)
     net.train(train_mode)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = spec.optimizer.torch_optimizer(params)
+    opt = StackedOptimizer(spec.config).torch_optimizer(params)
     z_j = load_batch(task, dataset, torch.tensor([j]), device) if j is not None else None
     total = spec.total_steps if spec.steps is not None else None
     measured: list[Tensor] = []
@@ -77,12 +80,7 @@ def _one_run(model, task, spec, seed, j, dataset, test_batch, train_mode, device
             loss = task.per_example_loss(net, batch).mean()
             if spec.leave_out == "subtract" and j is not None:
                 loss = loss - task.per_example_loss(net, z_j).sum() / spec.n
-            if not torch.isfinite(loss):
-                run = "the full run" if j is None else f"the run leaving out training index {j}"
-                raise FloatingPointError(
-                    f"Non-finite further-training loss ({loss.item()}) at seed {seed}, step {step + 1}, in "
-                    f"{run}. Lower lr or set grad_clip."
-                )
+            check_loss_finite(loss.detach(), None, seed, step + 1, [j])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if spec.grad_clip is not None:
@@ -92,14 +90,22 @@ def _one_run(model, task, spec, seed, j, dataset, test_batch, train_mode, device
             if on_step is not None:
                 on_step(1)
             if spec.eval_every != "epoch" and (step % spec.eval_every == 0 or step == spec.total_steps):
-                measured.append(_measure(net, task, test_batch))
+                measured.append(measure(net, step))
         if spec.eval_every == "epoch":
-            measured.append(_measure(net, task, test_batch))
+            measured.append(measure(net, step))
         if total is not None and step == total:
             break
     return torch.stack(measured)
 
 
-def _measure(net: nn.Module, task: AttributionTask, test_batch: Any) -> Tensor:
-    with eval_mode(net), torch.no_grad():
-        return task.measurement(net, test_batch).detach()
+class _Measure:
+    """``f`` on the test batch after a step of one run, checked finite."""
+
+    def __init__(self, task: AttributionTask, test_batch: Any, seed: int, j: int | None, test_indices) -> None:
+        self.task, self.test_batch, self.seed, self.j, self.test_indices = task, test_batch, seed, j, test_indices
+
+    def __call__(self, net: nn.Module, step: int) -> Tensor:
+        with eval_mode(net), torch.no_grad():
+            values = self.task.measurement(net, self.test_batch).detach()
+        check_measurements_finite(values.unsqueeze(1), self.seed, step, [self.j], self.test_indices)
+        return values

@@ -1,29 +1,56 @@
-"""Resumable run directory: one file per finished unit of work, written atomically.
+"""Resumable run directory: one checksummed file per finished unit of work, written atomically.
 
 Layout of ``run_dir``::
 
-    config.json                      the job's configuration and fingerprints (refuses a different one)
-    units/seed<S>_chunk<C>.safetensors   measurements of one unit: "loo" [C, n_test, k], "full" [C, n_test]
-    computed.log                     one line per unit computed (seed, chunk, seconds, rank)
-    gold_standard.safetensors        the assembled result, once every unit is done
+    config.json                          the job's fingerprint (:mod:`.fingerprint`), its id and the
+                                         unit layout (engine, chunk size); refuses any other job
+    units/seed<S>_chunk<C>.safetensors   one unit: "loo" [C, n_test, k], "full" [C, n_test], and in
+                                         its metadata seed, chunk, fingerprint id and a SHA-256 checksum
+    units/corrupt/                       units that failed verification (moved aside, recomputed)
+    computed.log                         one line per unit computed (seed, chunk, seconds, rank)
+    gold_standard.safetensors            the assembled result, once every unit is done
 
-A unit file appears only complete (temporary file + ``os.replace``), so a run killed at any moment
-leaves only whole units behind, and re-running the same configuration skips them.
+Binding is atomic: ``config.json`` is written to a temporary file and hard-linked into place, which
+fails when it exists, so of two jobs started at once exactly one creates it and the other compares
+against it (and is refused with :class:`~lightning_fimoda.exceptions.MismatchError` naming what
+differs). A unit file appears only complete (temporary file + ``os.replace``); a unit whose checksum,
+seed, chunk or fingerprint does not match is named, moved to ``units/corrupt/`` and recomputed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._files import atomic_write
+from ..exceptions import MismatchError
+from .fingerprint import differences, fingerprint_id
 
-__all__ = ["RunStore"]
+__all__ = ["CorruptUnitError", "RunStore", "unit_checksum"]
+
+UNIT_GLOB = "seed*_chunk*.safetensors"
+
+
+class CorruptUnitError(ValueError):
+    """A unit file that cannot be trusted (unreadable, wrong checksum, wrong seed/chunk/job)."""
+
+
+def unit_checksum(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 class RunStore:
@@ -32,27 +59,68 @@ class RunStore:
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.root = Path(run_dir)
         self.units = self.root / "units"
+        self.config_path = self.root / "config.json"
+        self.job_id: str | None = None
 
-    def bind(self, config: dict[str, Any], write: bool = True) -> None:
-        """Claim the directory for ``config`` (write it, or check it against the stored one).
+    def bind(self, fingerprint: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
+        """Claim the directory for the job ``fingerprint`` (atomically), or check it is this job's.
 
-        Raises ``ValueError`` naming the differing keys when the directory holds another job.
+        Returns the unit layout to use: ``layout`` for a new directory, the stored one otherwise.
+        Raises :class:`MismatchError` naming the differing components, or when unit files exist
+        without a ``config.json``. Cleans temporary files left by killed runs.
         """
-        path = self.root / "config.json"
-        if path.exists():
-            stored = json.loads(path.read_text())
-            if stored != json.loads(json.dumps(config)):
-                keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-                raise ValueError(
-                    f"run_dir {str(self.root)!r} holds a further-training job with a different configuration "
-                    f"(differing: {keys}). Use a new run_dir, or delete this one to start over."
+        self.units.mkdir(parents=True, exist_ok=True)
+        record = {"fingerprint": fingerprint, "fingerprint_id": fingerprint_id(fingerprint), "layout": layout}
+        if not self.config_path.exists():
+            if any(self.units.glob(UNIT_GLOB)):
+                raise MismatchError(
+                    f"run_dir {str(self.root)!r} holds unit files but no config.json, so nothing says which "
+                    "experiment they belong to. Move the units away (or restore config.json)."
                 )
-            return
-        if write:
-            self.units.mkdir(parents=True, exist_ok=True)
-            atomic_write(
-                path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1, sort_keys=True))
+            self._create(record)
+        stored = self.read_config()
+        diff = differences(stored.get("fingerprint", {}), fingerprint)
+        if diff:
+            raise MismatchError(
+                f"run_dir {str(self.root)!r} holds a further-training job with a different configuration "
+                f"(differing: {diff}). Use a new run_dir, or delete this one to start over."
             )
+        self.job_id = record["fingerprint_id"]
+        self.clean_tmp()  # only once the directory is known to be this job's
+        return dict(stored.get("layout", layout))
+
+    def _create(self, record: dict[str, Any]) -> None:
+        """Create ``config.json`` with its full content, failing silently when another job won."""
+        text = json.dumps(record, indent=1, sort_keys=True)
+        tmp = self.root / f"config.json.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        try:
+            os.link(tmp, self.config_path)  # atomic, and fails when the file exists
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_config(self) -> dict[str, Any]:
+        try:
+            stored = json.loads(self.config_path.read_text())
+        except (OSError, ValueError) as err:
+            raise MismatchError(f"{self.config_path} is unreadable ({err}); use a new run_dir.") from err
+        if not isinstance(stored, dict) or stored.get("fingerprint_id") != fingerprint_id(
+            stored.get("fingerprint", {})
+        ):
+            raise MismatchError(
+                f"{self.config_path} is not a config written by this version of lightning-fimoda or was "
+                "edited (its fingerprint id does not match its content); use a new run_dir."
+            )
+        return stored
+
+    def clean_tmp(self) -> list[Path]:
+        """Remove temporary files left by interrupted writes; returns them."""
+        stale = [*self.root.glob("*.tmp"), *self.units.glob("*.tmp")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     def unit_path(self, seed: int, chunk: int) -> Path:
         return self.units / f"seed{seed}_chunk{chunk:05d}.safetensors"
@@ -63,21 +131,48 @@ class RunStore:
     def save(
         self, seed: int, chunk: int, loo: Tensor, full: Tensor | None, seconds: float, rank: int
     ) -> None:
-        """Write one unit atomically, then log it as computed."""
+        """Write one unit atomically with its checksum, then log it as computed."""
         tensors = {"loo": loo.contiguous().cpu()}
         if full is not None:
             tensors["full"] = full.contiguous().cpu()
+        meta = {"seed": str(seed), "chunk": str(chunk), "job": str(self.job_id), "sha256": unit_checksum(tensors)}
         self.units.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.unit_path(seed, chunk), lambda tmp: save_file(tensors, tmp))
+        atomic_write(self.unit_path(seed, chunk), lambda tmp: save_file(tensors, tmp, metadata=meta))
         with open(self.root / "computed.log", "a") as fh:
             fh.write(f"seed={seed} chunk={chunk} seconds={seconds:.3f} rank={rank}\n")
 
     def load(self, seed: int, chunk: int) -> tuple[Tensor, Tensor | None]:
-        tensors = load_file(str(self.unit_path(seed, chunk)))
+        """The unit's tensors, verified; raises :class:`CorruptUnitError` saying why not."""
+        tensors = read_unit(self.unit_path(seed, chunk), seed, chunk, self.job_id)
         return tensors["loo"], tensors.get("full")
+
+    def quarantine(self, seed: int, chunk: int) -> Path:
+        """Move a bad unit to ``units/corrupt/`` (kept for inspection); returns its new path."""
+        target = self.units / "corrupt" / f"{self.unit_path(seed, chunk).name}.{time.time_ns()}"
+        target.parent.mkdir(exist_ok=True)
+        os.replace(self.unit_path(seed, chunk), target)
+        return target
 
     def computed_log(self) -> list[str]:
         """Lines of ``computed.log`` (one per unit computed, over every attempt)."""
         path = self.root / "computed.log"
         return path.read_text().splitlines() if path.exists() else []
 
+
+def read_unit(path: Path, seed: int, chunk: int, job_id: str | None) -> dict[str, Tensor]:
+    """Load and verify one unit file (checksum, seed, chunk and job id)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a corrupt unit
+        raise CorruptUnitError(f"unit {path} is unreadable ({type(err).__name__}: {err})") from err
+    want = {"seed": str(seed), "chunk": str(chunk)}
+    if job_id is not None:
+        want["job"] = job_id
+    wrong = {k: meta.get(k) for k, v in want.items() if meta.get(k) != v}
+    if wrong:
+        raise CorruptUnitError(f"unit {path} belongs elsewhere (its metadata says {wrong}, expected {want})")
+    if "loo" not in tensors or meta.get("sha256") != unit_checksum(tensors):
+        raise CorruptUnitError(f"unit {path} fails its checksum (its content changed after it was written)")
+    return tensors

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..._optional import require
 from .base import read_table, require_columns
 
 __all__ = ["PadCollate", "SST2DataModule", "TokenizedDataset", "default_encoder_path", "load_tokenizer"]
@@ -41,10 +42,9 @@ def load_tokenizer(tokenizer: Any = None) -> Any:
     there (a local folder without network access), anything else is returned as it is."""
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
-    from transformers import AutoTokenizer
-
+    transformers = require("transformers", "Tokenizing text (SST2DataModule)")
     source = default_encoder_path() if tokenizer is None else tokenizer
-    return AutoTokenizer.from_pretrained(str(source), local_files_only=Path(source).is_dir())
+    return transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=Path(source).is_dir())
 
 
 class PadCollate:

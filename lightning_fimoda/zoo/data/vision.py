@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+from ..._optional import require
+
 __all__ = ["CIFAR10DataModule", "RandomCropFlip"]
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -98,11 +100,10 @@ class CIFAR10DataModule(L.LightningDataModule):
         path = self.path or self.data_dir / self.npz_name
         if self.path is not None or path.is_file():
             return self._load_npz(path)
+        datasets = require("torchvision.datasets", "CIFAR-10 without a local .npz (torchvision)")
         try:
-            from torchvision.datasets import CIFAR10
-
-            train = CIFAR10(str(self.data_dir), train=True, download=self.download)
-            test = CIFAR10(str(self.data_dir), train=False, download=self.download)
+            train = datasets.CIFAR10(str(self.data_dir), train=True, download=self.download)
+            test = datasets.CIFAR10(str(self.data_dir), train=False, download=self.download)
         except (RuntimeError, OSError) as err:  # not found / corrupted, or no network for the download
             raise FileNotFoundError(
                 f"CIFAR-10: neither {str(path)!r} nor torchvision's CIFAR-10 under {str(self.data_dir)!r} "

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
 from ...task import SupervisedTask
+from .base import ZooModule
 
 __all__ = ["MLP", "PAPER_LEARNING_RATES"]
 
@@ -17,7 +17,7 @@ __all__ = ["MLP", "PAPER_LEARNING_RATES"]
 PAPER_LEARNING_RATES = {"concrete": 0.3, "energy": 0.3, "heloc": 1e-3, "folktables": 1e-2}
 
 
-class MLP(L.LightningModule):
+class MLP(ZooModule):
     """``input_dim -> 128 -> 128 -> num_outputs`` with ReLU: :attr:`net` is ``nn.Sequential(Linear, ReLU,
     Linear, ReLU, Linear)`` (parameters ``net.0.weight``, ``net.0.bias``, ``net.2.*``, ``net.4.*``).
 
@@ -80,23 +80,8 @@ class MLP(L.LightningModule):
         """``SupervisedTask("mse")`` for regression, ``SupervisedTask("cross_entropy")`` otherwise."""
         return self._attribution_task
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
-        outputs = self._attribution_task.outputs(self, batch)
-        loss = self._attribution_task.loss_from_outputs(outputs, batch).mean()
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train")
-        if self.loss_kind == "cross_entropy":
-            acc = (outputs.argmax(dim=1) == batch[1].reshape(-1)).float().mean()
-            self.log(f"{stage}_acc", acc, prog_bar=stage != "train")
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
+    def class_labels(self, batch: Any) -> Tensor | None:
+        return batch[1].reshape(-1) if self.loss_kind == "cross_entropy" else None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

