@@ -213,7 +213,7 @@ def test_settings_copied_from_the_gold_standard_loop(problem):
     est.fit(model, TASK, train)
     assert est.info["checkpoint_steps"] == [3, 6, 9]  # ceil(12 / 5) = 3 steps per epoch
     assert est.score(test).shape == (3, 4, 12)
-    assert est.settings()["hessian"] == "true" and est.settings()["lr"] == 0.05
+    assert est.settings()["hessian"] == "exact" and est.settings()["lr"] == 0.05
 
 
 def test_attribute_returns_checkpoint_indexed_scores(problem):

@@ -28,30 +28,26 @@ numerically on least squares with mini-batch SGD: ``docs/interpreting_scores.md`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .._data import resolve_indices
-from ..curvature import CurvatureOperator
-from ..exceptions import ConfigurationError, NonFiniteError, NotFittedError
+from .._data import dataset_length
+from ..curvature import CurvatureOperator, resolve_hessian
+from ..exceptions import ConfigurationError
 from ..functional import FunctionalTask
-from ..further_training.optimizers import OptimizerConfig
-from ..further_training.spec import TrainingSpec
+from ..further_training.config import FurtherTrainingConfig
 from ..registry import register_estimator
-from ..solvers.matrix_function import (
-    MatVec,
-    horizon_filter,
-    krylov_coefficients,
-    lanczos,
-    largest_eigenvalue,
-    stability_limit,
-)
+from ..solvers.lissa import extreme_eigenvalues
+from ..solvers.matrix_function import MatVec, horizon_filter, krylov_coefficients, lanczos, stability_limit
+from ..task import AttributionTask
 from .base import Estimator
+from .config import EstimatorConfig
 
 __all__ = ["HorizonConfig", "HorizonInfluence", "horizon_scores_exact", "horizon_scores_krylov", "low_rank_spectrum"]
 
@@ -60,21 +56,26 @@ DENSE_MAX_PARAMS = 20000  # refuse the dense path beyond this (a [P, P] float64 
 LOW_RANK_MAX_ROWS = 4000  # exact="auto": low-rank Gauss-Newton spectrum up to this many factor rows
 EXACT_CHOICES = ("auto", True, False, "dense", "low_rank")
 BLOCK_BYTES = 256 << 20  # Lanczos bases of one block of vectors
-_HESSIANS = {"gauss_newton": "gauss_newton", "exact": "true", "true": "true"}
-_LOOP_FIELDS = ("lr", "epochs", "steps", "batch_size", "eval_every", "momentum", "leave_out")
+LAMBDA_MAX_STEPS = 20  # Lanczos steps of the λ_max estimate on the Krylov path
+LOOP_FIELDS = ("lr", "epochs", "steps", "batch_size", "eval_every", "momentum", "leave_out")
 
 
 @dataclass(frozen=True)
-class HorizonConfig:
+class HorizonConfig(EstimatorConfig):
     """Every setting of the ``horizon`` estimator (validated on construction).
 
-    ``hessian``: ``"gauss_newton"`` or ``"exact"`` (the true Hessian; aliases ``"true"``, ``True``),
-    stored as the :class:`CurvatureOperator` name. ``exact``: ``"auto"`` (low rank or dense where
-    they apply, see the module docstring, else Krylov), ``True`` (low rank or dense), ``"low_rank"``,
-    ``"dense"`` or ``False`` (Krylov). The rest mirror :class:`~lightning_fimoda.FurtherTrainingLoop` (SGD only).
+    ``lr``, ``epochs`` / ``steps``, ``batch_size``, ``eval_every``, ``momentum``, ``leave_out``: the
+    further training to match, as in :class:`~lightning_fimoda.further_training.FurtherTrainingConfig`
+    (plain SGD; :meth:`further_training` builds that config, whose schedule gives the checkpoints).
+    ``hessian``: ``"gauss_newton"`` or ``"exact"`` (aliases ``"true"``, ``True``; stored as ``"exact"``).
+    ``krylov_steps``: most Lanczos iterations per vector; ``krylov_tol``: stop earlier once the result
+    changes by less than this over 8 iterations (``0``: always ``krylov_steps``). ``exact``: ``"auto"``
+    (low rank or dense where they apply, see the module docstring, else Krylov), ``True`` (low rank or
+    dense), ``"low_rank"``, ``"dense"`` or ``False`` (Krylov). ``chunk_size``: training examples per
+    forward pass in curvature products.
     """
 
-    lr: float
+    lr: float | None = None
     epochs: int | None = None
     steps: int | None = None
     batch_size: int = 128
@@ -88,56 +89,53 @@ class HorizonConfig:
     chunk_size: int = 512
 
     def __post_init__(self) -> None:
-        hessian = "true" if self.hessian is True else self.hessian
-        if not isinstance(hessian, str) or hessian not in _HESSIANS:
-            raise ConfigurationError(
-                f"hessian must be 'gauss_newton' or 'exact' (aliases 'true', True), got {self.hessian!r}."
-            )
-        object.__setattr__(self, "hessian", _HESSIANS[hessian])
-        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
-                and self.lr > 0):
-            raise ConfigurationError(f"lr must be a finite number > 0, got {self.lr!r}.")
+        super().__post_init__()
+        if self.lr is None:
+            self._fail("horizon needs lr= (and epochs= or steps=), or gold=<FurtherTrainingLoop>.")
+        self._number("lr", strict=True)
         try:
-            self.training_spec(None)
-        except ValueError as err:
-            raise ConfigurationError(str(err)) from err
-        if not (isinstance(self.krylov_steps, int) and self.krylov_steps >= 2):
-            raise ConfigurationError(f"krylov_steps must be an integer >= 2, got {self.krylov_steps!r}.")
-        if not (isinstance(self.krylov_tol, (int, float)) and 0 <= self.krylov_tol < 1):
-            raise ConfigurationError(f"krylov_tol must be a number in [0, 1), got {self.krylov_tol!r}.")
+            object.__setattr__(self, "hessian", resolve_hessian(self.hessian))
+            self.further_training()
+        except ConfigurationError as err:
+            self._fail(str(err))
+        self._integer("krylov_steps", minimum=2)
+        self._number("krylov_tol")
+        if self.krylov_tol >= 1:
+            self._fail(f"krylov_tol must be a number in [0, 1), got {self.krylov_tol!r}.")
         if not any(self.exact is c or (isinstance(c, str) and self.exact == c) for c in EXACT_CHOICES):
-            raise ConfigurationError(f"exact must be one of {EXACT_CHOICES}, got {self.exact!r}.")
-        if not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
-            raise ConfigurationError(f"chunk_size must be a positive integer, got {self.chunk_size!r}.")
+            self._fail(f"exact must be one of {list(EXACT_CHOICES)}, got {self.exact!r}.")
+        if self.exact == "low_rank" and self.hessian != "gauss_newton":
+            self._fail("exact='low_rank' needs hessian='gauss_newton' (the true Hessian has no Gauss-Newton factor).")
+        self._integer("chunk_size")
+
+    @classmethod
+    def loop_settings(cls, loop: Any) -> dict[str, Any]:
+        """``lr``, ``momentum``, ``epochs`` / ``steps``, ``batch_size``, ``eval_every``, ``leave_out`` of a
+        :class:`~lightning_fimoda.FurtherTrainingLoop` (``loop.config``), which must run plain SGD without
+        weight decay or clipping: the linearisation models nothing else."""
+        ft = loop.config
+        if ft.optimizer != "sgd" or ft.weight_decay or ft.grad_clip is not None:
+            raise ConfigurationError(
+                f"horizon models plain SGD further training (momentum allowed); the loop uses optimizer="
+                f"{ft.optimizer!r}, weight_decay={ft.weight_decay}, grad_clip={ft.grad_clip}."
+            )
+        return {name: getattr(ft, name) for name in LOOP_FIELDS}
 
     @classmethod
     def from_loop(cls, loop: Any, **settings: Any) -> HorizonConfig:
-        """The further-training settings of a :class:`~lightning_fimoda.FurtherTrainingLoop` (SGD,
-        no weight decay or clipping: the linearisation models nothing else) plus ``settings``."""
-        opt = loop.optimizer
-        if opt.name != "sgd" or opt.weight_decay or loop.grad_clip is not None:
-            raise ConfigurationError(
-                f"horizon models plain SGD further training (momentum allowed); the loop uses optimizer="
-                f"{opt.name!r}, weight_decay={opt.weight_decay}, grad_clip={loop.grad_clip}."
-            )
-        copied = dict(lr=opt.lr, epochs=loop.epochs, steps=loop.steps, batch_size=loop.batch_size,
-                      eval_every=loop.eval_every, momentum=opt.momentum, leave_out=loop.leave_out)
-        return cls(**copied, **settings)
+        """The further-training settings of ``loop`` (see :meth:`loop_settings`) plus ``settings``."""
+        return cls(**cls.loop_settings(loop), **settings)
 
-    def training_spec(self, n: int | None) -> TrainingSpec:
-        """The gold standard's :class:`TrainingSpec` for ``n`` training examples (``None``: unchecked)."""
-        opt = OptimizerConfig("sgd", self.lr, momentum=self.momentum)
-        return TrainingSpec(opt, n, self.batch_size, self.epochs, self.steps, self.eval_every, self.leave_out, None)
+    def further_training(self) -> FurtherTrainingConfig:
+        """The gold standard's config with these settings (plain SGD, one seed)."""
+        return FurtherTrainingConfig(
+            optimizer="sgd", lr=self.lr, momentum=self.momentum, batch_size=self.batch_size, epochs=self.epochs,
+            steps=self.steps, eval_every=self.eval_every, leave_out=self.leave_out,
+        )
 
     def checkpoint_steps(self, n: int) -> list[int]:
-        """Optimizer steps the full run has taken at each checkpoint of the gold standard."""
-        spec = self.training_spec(n)
-        if spec.eval_every == "epoch":
-            return [e * spec.steps_per_epoch(excluded=False) for e in spec.checkpoints]
-        return spec.checkpoints
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Optimizer steps the gold standard's full run has taken at each checkpoint, for ``n`` examples."""
+        return self.further_training().checkpoint_steps(n)
 
 
 def horizon_scores_exact(evals: Tensor, evecs: Tensor, g_test: Tensor, g_train: Tensor, steps: Sequence[int],
@@ -215,65 +213,37 @@ class HorizonInfluence(Estimator):
     """``τ_t(j, x) = (1/n) g_xᵀ φ_t(H) g_j`` at every further-training checkpoint ``[C, n_test, n_train]``.
 
     Args:
-        lr, epochs / steps, batch_size, eval_every, momentum, leave_out: the further training to match
-            (as :class:`~lightning_fimoda.FurtherTrainingLoop`); or ``gold``: a loop to copy them from.
-        hessian: ``"gauss_newton"`` (default) or ``"exact"`` (true Hessian; aliases ``"true"``, ``True``).
-        krylov_steps: most Lanczos iterations per vector; krylov_tol: stop earlier once the result
-            changes by less than this over 8 iterations (``0``: always ``krylov_steps``). exact: ``"auto"``, ``True``, ``"low_rank"``,
-            ``"dense"`` or ``False`` (see :class:`HorizonConfig`).
-        chunk_size: training examples per forward pass in curvature products.
-        params, label: see :class:`~lightning_fimoda.Estimator`.
+        config, **kwargs: a :class:`HorizonConfig` and / or its fields (``lr``, ``epochs`` / ``steps``, ...).
+        gold: a :class:`~lightning_fimoda.FurtherTrainingLoop` to copy the further-training settings
+            from (:meth:`HorizonConfig.loop_settings`; plain SGD only), instead of giving them.
 
     Raises :class:`~lightning_fimoda.exceptions.ConfigurationError` in ``fit`` (before any solve) when
     ``ηλ_max ≥ 2(1 + β)``: the linearised further training diverges. ``info`` reports
     ``checkpoint_steps``, ``lambda_max``, ``eta_lambda_max``, ``path`` (``"low_rank"``, ``"dense"``,
-    ``"krylov"``),
-    ``curvature_products`` and, on the Krylov path, the error estimate.
+    ``"krylov"``), ``curvature_products`` and, on the Krylov path, the error estimate.
     """
 
+    config_class = HorizonConfig
     checkpoint_indexed: ClassVar[bool] = True
 
-    def __init__(self, *, lr: float | None = None, epochs: int | None = None, steps: int | None = None,
-                 batch_size: int | None = None, eval_every: str | int | None = None, gold: Any = None,
-                 hessian: str | bool = "gauss_newton", momentum: float | None = None, leave_out: str | None = None,
-                 krylov_steps: int = 64, krylov_tol: float = 1e-6, exact: str | bool = "auto", chunk_size: int = 512,
-                 params: Sequence[str] | None = None, label: str | None = None) -> None:
-        super().__init__(params=params, label=label)
-        given = {k: v for k, v in dict(lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
-                                       eval_every=eval_every, momentum=momentum, leave_out=leave_out).items()
-                 if v is not None}
-        common = dict(hessian=hessian, krylov_steps=krylov_steps, krylov_tol=krylov_tol, exact=exact,
-                      chunk_size=chunk_size)
+    def __init__(self, config: HorizonConfig | None = None, *, gold: Any = None, **kwargs: Any) -> None:
         if gold is not None:
+            given = sorted(set(kwargs) & set(LOOP_FIELDS))
             if given:
-                raise ConfigurationError(f"horizon: give gold= or {sorted(given)}, not both.")
-            self.config = HorizonConfig.from_loop(gold, **common)
-        else:
-            if lr is None:
-                raise ConfigurationError("horizon needs lr= (and epochs= or steps=), or gold=<FurtherTrainingLoop>.")
-            self.config = HorizonConfig(**given, **common)
-
-    def settings(self) -> dict[str, Any]:
-        return {"estimator": self.name, **self.config.to_dict(), "params": self.params, "label": self._label,
-                **self.info}
+                raise ConfigurationError(f"Estimator {self.name!r}: give gold= or {given}, not both.")
+            kwargs = {**HorizonConfig.loop_settings(gold), **kwargs}
+        super().__init__(config, **kwargs)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r})"
-
-    def score(self, test_dataset: Any, test_indices: Sequence[int] | Tensor | None = None) -> Tensor:
-        """Scores ``[n_checkpoints, n_test, n_train_scored]`` (CPU), positive = helpful."""
-        if not self._fitted:
-            raise NotFittedError(f"{type(self).__name__}.score() called before fit().")
-        idx = resolve_indices(test_dataset, test_indices, "test")
-        scores = self._score(test_dataset, idx)
-        expected = (len(self.checkpoint_steps_), idx.numel(), self.train_indices_.numel())
-        if tuple(scores.shape) != expected:
-            raise RuntimeError(f"{self.label}: scores have shape {tuple(scores.shape)}, expected {expected}.")
-        if not torch.isfinite(scores).all():
-            raise NonFiniteError(f"{self.label}: non-finite attribution scores.")
-        return scores.detach().cpu()
+        shown = [f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config)
+                 if getattr(self.config, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     # -- fitting and scoring ------------------------------------------------------------------------
+    def _check(self, model: nn.Module, task: AttributionTask, train_dataset: Any, names: list[str]) -> None:
+        """The further-training schedule over the training set (e.g. ``n ≥ 2``)."""
+        self.config.further_training().schedule(dataset_length(train_dataset, "training"))
+
     def _fit(self) -> None:
         cfg = self.config
         self._train_flat = self.train_gradients().flat
@@ -286,10 +256,11 @@ class HorizonInfluence(Estimator):
         path = self._choose_path(op)
         self.info.update(checkpoint_steps=self.checkpoint_steps_, path=path, curvature_products=op.products)
         if path == "krylov":
-            lam_max = largest_eigenvalue(op.curvature, op.num_params, op.dtype, op.device)
+            steps = min(op.num_params, LAMBDA_MAX_STEPS)
+            lam_max = extreme_eigenvalues(op.curvature, op.num_params, steps, 0, op.dtype, op.device)[1]
         else:
             if path == "low_rank":
-                self._evals, self._evecs = low_rank_spectrum(op._cached_jacobians().rows, op.n)
+                self._evals, self._evecs = low_rank_spectrum(op.gauss_newton_factor().rows, op.n)
             else:
                 self._evals, self._evecs = torch.linalg.eigh(op.dense().to(torch.float64))
             lam_max = float(self._evals.max()) if self._evals.numel() else 0.0
@@ -298,7 +269,7 @@ class HorizonInfluence(Estimator):
     def _choose_path(self, op: CurvatureOperator) -> str:
         """``"low_rank"``, ``"dense"`` or ``"krylov"`` from ``config.exact`` and the problem's size."""
         want = self.config.exact
-        factor = op._cached_jacobians() if want is not False and want != "dense" else None
+        factor = op.gauss_newton_factor() if want is not False and want != "dense" else None
         low_rank = factor is not None and bool((factor.sign > 0).all()) and factor.rows.shape[0] < op.num_params
         if want == "low_rank" and not low_rank:
             raise ConfigurationError(

@@ -32,7 +32,9 @@ Matrix-free evaluation: for each vector ``v`` (a batch of independent runs, vect
 Lanczos with full reorthogonalisation give ``H Q_k ≈ Q_k T_k`` and ``f(H) v ≈ ‖v‖ Q_k f(T_k) e_1``,
 exact when ``f`` is a polynomial of degree ``< k`` (``φ_t`` has degree ``t − 1``). :func:`lanczos`
 returns the basis and tridiagonal matrix; :func:`krylov_coefficients` the coefficients of ``f(H) v`` in
-that basis for all checkpoints at once, from one run.
+that basis for all checkpoints at once, from one run. It differs from the single-vector
+:func:`lightning_fimoda.solvers.arnoldi.lanczos` (used for extreme eigenvalues) in running many
+start vectors as one batch, with an early-stop hook and zero-padded breakdowns.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ __all__ = [
     "horizon_filter",
     "krylov_coefficients",
     "lanczos",
-    "largest_eigenvalue",
     "stability_limit",
 ]
 
@@ -172,12 +173,3 @@ def krylov_coefficients(lz: LanczosBasis, f: Callable[[Tensor], Tensor], k: int 
     coef = torch.einsum("bik,cbk->cbi", s, values * first)
     return coef * lz.norms.to(torch.float64).view(1, -1, 1)
 
-
-def largest_eigenvalue(matvec: MatVec, num_params: int, dtype: torch.dtype, device: torch.device | str,
-                       steps: int = 20, seed: int = 0) -> float:
-    """``λ_max(H)`` by Lanczos from a seeded random vector: the largest Ritz value of ``steps`` steps
-    (a lower bound, converging fast at the edge of the spectrum)."""
-    gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(1, num_params, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    lz = lanczos(matvec, start, steps)
-    return float(torch.linalg.eigvalsh(lz.tridiagonal()).max())
