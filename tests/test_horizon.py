@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import TensorDataset
 
-from lightning_fimoda import FurtherTrainingLoop, SupervisedTask, attribute, build_estimator
+from lightning_fimoda import FiMODACallback, FurtherTrainingLoop, SupervisedTask, attribute, build_estimator
 from lightning_fimoda.estimators.horizon import HorizonConfig
 from lightning_fimoda.exceptions import ConfigurationError
 from lightning_fimoda.solvers.matrix_function import horizon_filter
@@ -223,3 +223,14 @@ def test_attribute_returns_checkpoint_indexed_scores(problem):
     direct = build_estimator("horizon", **settings).fit(model, TASK, train).score(test)
     assert out["horizon"].shape == (2, 4, 12) and out["grad_dot"].shape == (4, 12)
     torch.testing.assert_close(out["horizon"], direct, rtol=1e-12, atol=0.0)
+
+
+def test_callback_copies_its_gold_settings():
+    gold = {"lr": 0.05, "epochs": 3, "batch_size": 5, "momentum": 0.5, "seeds": 1}
+    cb = FiMODACallback(estimators=[{"name": "horizon", "gold": True, "exact": False}, "grad_dot"], gold=gold,
+                        progress=False)
+    assert cb.estimators[0].config == HorizonConfig(lr=0.05, epochs=3, batch_size=5, momentum=0.5, exact=False)
+    with pytest.raises(ConfigurationError, match="no gold standard"):
+        FiMODACallback(estimators=[{"name": "horizon", "gold": True}])
+    with pytest.raises(ConfigurationError, match="gold= must be a FurtherTrainingLoop"):
+        build_estimator("horizon", gold=True)

@@ -113,7 +113,12 @@ class HorizonConfig(EstimatorConfig):
         """``lr``, ``momentum``, ``epochs`` / ``steps``, ``batch_size``, ``eval_every``, ``leave_out`` of a
         :class:`~lightning_fimoda.FurtherTrainingLoop` (``loop.config``), which must run plain SGD without
         weight decay or clipping: the linearisation models nothing else."""
-        ft = loop.config
+        ft = getattr(loop, "config", None)
+        if not isinstance(ft, FurtherTrainingConfig):
+            raise ConfigurationError(
+                f"gold= must be a FurtherTrainingLoop, got {loop!r} (gold: true works in FiMODACallback's "
+                "estimators, which copy the callback's gold standard)."
+            )
         if ft.optimizer != "sgd" or ft.weight_decay or ft.grad_clip is not None:
             raise ConfigurationError(
                 f"horizon models plain SGD further training (momentum allowed); the loop uses optimizer="
