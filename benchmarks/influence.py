@@ -40,6 +40,7 @@ from lightning_fimoda.profiling import PeakMemory, memory_kind
 SETTINGS: dict[str, dict] = {  # per-name settings; unnamed estimators run with their defaults
     "lissa": {"depth": 1000, "batch_size": 128},
     "arnoldi": {"rank": 50},
+    "horizon": {"lr": 3e-2, "epochs": 20},  # the further training to match (no defaults)
 }
 EXTRA_ROWS: list[tuple[str, str, dict]] = [  # (label, registry name, settings) beyond one row per name
     ("cg (hessian='exact')", "cg", {"hessian": "exact"}),

@@ -99,7 +99,8 @@ class FiMODACallback(Callback):
 
     Args:
         estimators: estimator names, ``{"name": ..., **kwargs}`` dicts (the YAML form) or built
-            :class:`~lightning_fimoda.Estimator` objects; validated here.
+            :class:`~lightning_fimoda.Estimator` objects; validated here. A dict with ``gold: true``
+            gets the gold loop as ``gold=`` (``{name: horizon, gold: true}`` copies its SGD settings).
         gold: ``None`` (no gold standard), a ``FurtherTrainingLoop``, or a dict of its keyword arguments
             without ``task`` (the YAML form; the task is the one resolved for the module). Without a
             ``run_dir`` of its own it gets ``<output_dir>/gold/<key>`` (key: a hash of the weights,
@@ -149,12 +150,13 @@ class FiMODACallback(Callback):
         progress: bool | None = None,
     ) -> None:
         super().__init__()
-        self.estimators = build_estimators(estimators)
         if gold is not None and not isinstance(gold, Mapping) and not callable(getattr(gold, "run", None)):
             raise TypeError(f"gold must be None, a FurtherTrainingLoop or a dict of its arguments, got {gold!r}.")
         if isinstance(gold, Mapping) and "task" in gold:
             raise ConfigurationError("gold: leave out 'task'; the callback passes the task it resolved for the module.")
         self.gold = dict(gold) if isinstance(gold, Mapping) else gold
+        self.progress = progress
+        self.estimators = build_estimators(self._with_gold(estimators))
         for what, idx, num in (("train", train_indices, num_train), ("test", test_indices, num_test)):
             if idx is not None and num is not None:
                 raise ConfigurationError(f"Give {what}_indices or num_{what}, not both.")
@@ -173,7 +175,6 @@ class FiMODACallback(Callback):
         self.seed_ks = None if seed_ks is None else [int(k) for k in seed_ks]
         self.share_gradients = share_gradients
         self.memory_budget = memory_budget
-        self.progress = progress
         self.report: AttributionReport | None = None
         self.report_dir: Path | None = None
         self._plan: _Plan | None = None
@@ -297,6 +298,14 @@ class FiMODACallback(Callback):
                 f"mislabeled: {flagged} of the {train_idx.numel()} scored training instances are flagged; "
                 "mislabel detection needs both flipped and clean ones among them."
             )
+
+    def _with_gold(self, estimators: Any) -> Any:
+        """Estimator mappings with ``gold: true`` get the gold loop (``horizon`` copies its settings)."""
+        specs = [estimators] if isinstance(estimators, (str, Mapping, Estimator)) else list(estimators)
+        wants = [isinstance(s, Mapping) and s.get("gold") is True for s in specs]
+        if any(wants) and self.gold is None:
+            raise ConfigurationError("An estimator has gold: true, but the callback has no gold standard (gold=).")
+        return [{**s, "gold": self._gold_loop(None)} if w else s for s, w in zip(specs, wants)]
 
     def _gold_loop(self, task: AttributionTask | None) -> Any:
         if not isinstance(self.gold, dict):

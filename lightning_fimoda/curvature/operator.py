@@ -113,6 +113,13 @@ class CurvatureOperator:
             jacobian_budget=self.jacobian_budget, kind=kind,
         )
 
+    def gauss_newton_factor(self) -> Any:
+        """The cached Gauss-Newton factor (``.rows`` ``G`` ``[R, P]``, ``.sign`` ``[R]``, ``.owner`` ``[R]``:
+        ``H = Gᵀ diag(sign) G / n``), built on first use; ``None`` when the curvature is not Gauss-Newton
+        or the rows do not fit ``jacobian_budget``."""
+        factor = getattr(self.kind, "factor", None)
+        return factor(self) if factor is not None else None
+
     # -- products ---------------------------------------------------------------------------------
     def apply(self, v: Tensor) -> Tensor:
         """``(H + λI) v`` for ``v`` of shape ``[P]`` or ``[k, P]``; same shape out."""

@@ -8,6 +8,7 @@ from .base import Estimator
 from .config import EstimatorConfig
 from .datainf import DataInf
 from .first_order import GradCos, GradDot
+from .horizon import HorizonConfig, HorizonInfluence
 from .influence import InfluenceConfig, InfluenceFunction, SolverDivergenceError
 from .kronfluence_adapter import EKFAC, KFAC, DiagonalFisher, KronfluenceIdentity
 from .trak_adapter import TRAK
@@ -20,6 +21,8 @@ __all__ = [
     "EstimatorConfig",
     "GradCos",
     "GradDot",
+    "HorizonConfig",
+    "HorizonInfluence",
     "InfluenceConfig",
     "InfluenceFunction",
     "KFAC",
