@@ -6,6 +6,7 @@ Commands::
     fimoda attribute --checkpoint CKPT --config CONFIG.yaml  # an existing model (final-model-only)
     fimoda run CONFIG.yaml --fimoda.gold.seeds=4             # one key of the gold block, the rest kept
     fimoda report RUN_DIR                                    # re-render report.md and figures
+    fimoda verify GOLD_RUN_DIR                               # checksums, fingerprint, what a resume recomputes
 
 Configuration (a LightningCLI config with one extra section, ``fimoda``; parsed with jsonargparse,
 so every key is type-checked and ``--key=value`` overrides work)::
@@ -68,6 +69,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ._quiet import quiet_attribution
 from .callback import FiMODACallback
+from .further_training.verify import add_verify_command, run_verify
 from .report import AttributionReport
 
 __all__ = ["FiMODACLI", "callback_from_config", "main"]
@@ -234,12 +236,15 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--config", required=True, help="YAML configuration naming the model and data")
     rep = sub.add_parser("report", help="re-render report.md and figures from a saved report")
     rep.add_argument("run_dir", help="directory holding report.json (the callback's output_dir)")
+    add_verify_command(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fimoda`` command; extra ``--key=value`` arguments override the config."""
     args, overrides = _parser().parse_known_args(argv)
+    if args.command == "verify":
+        return run_verify(args)
     if args.command == "report":
         if overrides:
             raise SystemExit(f"fimoda report: unexpected arguments {overrides}")

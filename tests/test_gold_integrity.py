@@ -219,3 +219,16 @@ def test_run_root_gives_each_job_its_own_directory(tmp_path):
     again = loop(None, run_root=tmp_path)
     assert again.run(model, train, test, LOO).equals(gold) and again.info["units_computed"] == 0
     assert again.info["run_dir"] == first.info["run_dir"]
+
+
+def test_fimoda_verify_command_reports_ok_and_corrupt_units(tmp_path, capsys):
+    from lightning_fimoda.cli import main as fimoda_main
+
+    model, train, test = problem()
+    run = tmp_path / "run"
+    loop(run).run(model, train, test, LOO)
+    assert fimoda_main(["verify", str(run)]) == 0
+    files = units(run)
+    damage(files[0], "flip", other=files[1])
+    assert fimoda_main(["verify", str(run)]) == 1
+    assert files[0].name in capsys.readouterr().out
