@@ -175,3 +175,12 @@ def test_non_finite_measurement_stops_at_the_first_checkpoint(tmp_path, engine):
     with pytest.raises(NonFiniteError, match=r"test indices \[2\] at seed 3, step 3, in the full run"):
         lp.run(model, train, TensorDataset(xt, yt), LOO)
     assert not list((tmp_path / "run" / "units").glob("*.safetensors"))  # nothing stored
+
+
+def test_memory_budget_defaults_to_a_share_of_available_memory_and_bad_values_are_refused():
+    model, train, test = problem()
+    with pytest.raises(ConfigurationError, match="memory_budget"):
+        loop(memory_budget=0)
+    default = loop().plan(model, train, test, LOO)
+    small = loop(memory_budget=1).plan(model, train, test, LOO)
+    assert small.chunk_size == 1 < default.chunk_size  # the default budget fits several runs per unit

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .._data import dataset_length, resolve_indices
 from ..exceptions import ConfigurationError, MismatchError
 from ..gold_standard import GoldStandard
+from ..gradients.budget import resolve_memory_budget
 from ..task import AttributionTask, resolve_task
 from .checks import check_data_finite, check_model, check_task_shapes
 from .config import FurtherTrainingConfig
@@ -99,6 +100,8 @@ class FurtherTrainingLoop:
         engine: ``"auto"`` (``"mlp"`` when the model is a plain MLP, else ``"vectorised"``),
             ``"mlp"``, ``"vectorised"`` or ``"sequential"`` (see the module docstring).
         chunk_size: LOO runs per unit; ``None``: as many as fit ``memory_budget`` bytes.
+        memory_budget: bytes for one unit's stacked runs; ``None``: 25% of the memory available on the
+            model's device (:func:`~lightning_fimoda.gradients.resolve_memory_budget`).
 
     Engine, chunk size, memory budget, device and progress do not change the numbers, so they are
     not in the job's fingerprint; a ``run_dir`` keeps the engine and chunk size it was started with.
@@ -122,7 +125,7 @@ class FurtherTrainingLoop:
         progress: bool = True,
         engine: str = "auto",
         chunk_size: int | None = None,
-        memory_budget: int = 1 << 30,
+        memory_budget: int | None = None,
         **settings: Any,
     ) -> None:
         unknown = sorted(set(settings) - set(SETTINGS))
@@ -138,8 +141,8 @@ class FurtherTrainingLoop:
             raise ConfigurationError(f"engine must be one of {ENGINES}, got {engine!r}.")
         if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
             raise ConfigurationError(f"chunk_size must be None or a positive integer, got {chunk_size!r}.")
-        if not memory_budget > 0:
-            raise ConfigurationError(f"memory_budget must be > 0 bytes, got {memory_budget!r}.")
+        if memory_budget is not None:
+            resolve_memory_budget(memory_budget)  # a positive number of bytes, or None
         self.task, self.config = task, config
         self.engine, self.chunk_size, self.memory_budget = engine, chunk_size, memory_budget
         self.run_dir = Path(run_dir) if run_dir is not None else None

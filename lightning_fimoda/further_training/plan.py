@@ -21,6 +21,7 @@ from .._data import load_batch
 from ..exceptions import ConfigurationError
 from ..functional import FunctionalTask, eval_mode
 from ..gold_standard import GoldStandard
+from ..gradients.budget import resolve_memory_budget
 from ..task import AttributionTask
 from .config import FurtherTrainingConfig
 from .engine import run_vectorised
@@ -138,7 +139,7 @@ def make_plan(
     test_indices: Tensor,
     engine: str,
     chunk_size: int | None,
-    memory_budget: int,
+    memory_budget: int | None,
 ) -> TrainingPlan:
     """Resolve engine, chunk size and fingerprint of a validated job (indices already resolved)."""
     schedule = config.schedule(len(train_dataset))
@@ -146,7 +147,8 @@ def make_plan(
     device = next(iter(fn.params.values())).device
     example = load_batch(task, train_dataset, torch.tensor([0]), device)
     engine = resolve_engine(engine, model, task, example, config.train_mode)
-    chunk = chunk_size or _chunk_for_budget(fn, example, schedule.batch_size, memory_budget)
+    budget = resolve_memory_budget(memory_budget, device)
+    chunk = chunk_size or _chunk_for_budget(fn, example, schedule.batch_size, budget)
     fingerprint = job_fingerprint(
         config.to_dict(), model, task, train_dataset, test_dataset, loo_indices, test_indices
     )
