@@ -184,3 +184,26 @@ def test_memory_budget_defaults_to_a_share_of_available_memory_and_bad_values_ar
     default = loop().plan(model, train, test, LOO)
     small = loop(memory_budget=1).plan(model, train, test, LOO)
     assert small.chunk_size == 1 < default.chunk_size  # the default budget fits several runs per unit
+
+
+def test_further_training_runs_without_tf32_and_restores_the_flags(monkeypatch):
+    """TF32 (~1e-3 relative) would swamp leave-one-out effects (~1/n) on GPUs: off while training."""
+    from lightning_fimoda.further_training import plan as plan_module
+
+    seen = []
+    original = plan_module.TrainingPlan.compute
+
+    def spy(self, *args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(plan_module.TrainingPlan, "compute", spy)
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        model, train, test = problem()
+        loop().run(model, train, test, LOO)
+        assert seen and all(flags == (False, "highest") for flags in seen)
+        assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")

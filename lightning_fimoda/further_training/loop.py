@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .._data import dataset_length, resolve_indices
 from ..exceptions import ConfigurationError, MismatchError
+from ..functional import full_float32
 from ..gold_standard import GoldStandard
 from ..gradients.budget import resolve_memory_budget
 from ..task import AttributionTask, resolve_task
@@ -226,7 +227,8 @@ class FurtherTrainingLoop:
         plan, store, loaded, corrupt = self._bind(plan)
         units = plan.units()
         pending = [u for u in units if (u[0], u[1]) not in loaded]
-        results = self._execute(plan, store, pending)
+        with full_float32():
+            results = self._execute(plan, store, pending)
         results.update(loaded)
         self.info = {
             "engine": plan.engine,
