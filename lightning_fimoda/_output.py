@@ -4,7 +4,7 @@ Layout of ``output_dir``::
 
     report.md, report.json, scores.safetensors, gold_standard.safetensors, *.png   this run's report
     estimators/<label>.safetensors   each estimator's scores, saved as soon as they exist (score_store)
-    gold/<key>/                      the gold standard's resumable run directory (further_training.store)
+    gold/<key>/                      the gold standard's resumable run directory (key: its job fingerprint id)
 
 A new report replaces the previous one's files (with a notice); ``estimators/`` and ``gold/`` are kept,
 so a rerun reuses every finished result whose fingerprint matches.
@@ -12,18 +12,13 @@ so a rerun reuses every finished result whose fingerprint matches.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any
-
-from torch import Tensor
 
 from .exceptions import ConfigurationError
 from .report import REPORT_FILES
 
-__all__ = ["check_writable", "clear_previous_report", "gold_key"]
+__all__ = ["check_writable", "clear_previous_report"]
 
 
 def check_writable(directory: Path) -> None:
@@ -49,10 +44,3 @@ def clear_previous_report(directory: Path) -> list[str]:
         print(f"FiMODA: replaced the previous report in {directory} ({len(stale)} files; estimators/ and gold/ "
               "kept for reuse).", flush=True)
     return sorted(p.name for p in stale)
-
-
-def gold_key(weights: str, settings: dict[str, Any], train_idx: Tensor, test_idx: Tensor) -> str:
-    """Folder name of a gold standard's run directory: a hash of the model weights (``model_digest``),
-    the further-training settings and the indices, so another experiment never meets this one's units."""
-    payload = json.dumps([weights, settings, train_idx.tolist(), test_idx.tolist()], sort_keys=True, default=repr)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
