@@ -42,8 +42,8 @@ SETTINGS: dict[str, dict] = {  # per-name settings; unnamed estimators run with 
     "arnoldi": {"rank": 50},
 }
 EXTRA_ROWS: list[tuple[str, str, dict]] = [  # (label, registry name, settings) beyond one row per name
-    ("cg (hessian='true')", "cg", {"hessian": "true"}),
-    ("lissa (hessian='true')", "lissa", {"depth": 1000, "batch_size": 128, "hessian": "true"}),
+    ("cg (hessian='exact')", "cg", {"hessian": "exact"}),
+    ("lissa (hessian='exact')", "lissa", {"depth": 1000, "batch_size": 128, "hessian": "exact"}),
 ]
 
 
@@ -206,11 +206,11 @@ def sequential_rows(seq: Sequential, fitted: dict[str, Row], args) -> dict[str, 
     scores, s, m = timed(grad_dot)
     rows["grad_dot"] = Row("sequential grad_dot (per-example autograd)", s, m, scores=scores)
 
-    for label in ("cg", "cg (hessian='true')"):
+    for label in ("cg", "cg (hessian='exact')"):
         if label not in fitted or fitted[label].settings is None:
             continue
         st = fitted[label].settings
-        matvec_h = seq.hvp if st["hessian"] == "true" else seq.gnvp
+        matvec_h = seq.hvp if st["hessian"] == "exact" else seq.gnvp
         lam = st["damping"]
 
         def solve(st=st, matvec_h=matvec_h, lam=lam) -> Tensor:
@@ -249,16 +249,16 @@ def sequential_rows(seq: Sequential, fitted: dict[str, Row], args) -> dict[str, 
         scores, s, m = timed(arnoldi)
         rows["arnoldi"] = Row("sequential arnoldi (Lanczos, autograd products)", s, m, scores=scores)
 
-    for label in ("lissa", "lissa (hessian='true')"):
+    for label in ("lissa", "lissa (hessian='exact')"):
         if label not in fitted or fitted[label].settings is None:
             continue
         st = fitted[label].settings
-        matvec_h = seq.hvp if st["hessian"] == "true" else seq.gnvp
+        matvec_h = seq.hvp if st["hessian"] == "exact" else seq.gnvp
         k = min(args.sequential_tests, len(seq.test))
 
         def solve(st=st, matvec_h=matvec_h, k=k) -> Tensor:
             return per_test(
-                lambda g: seq.lissa(g, matvec_h, st["damping"], st["lissa_scale"], st["depth"], st["batch_size"],
+                lambda g: seq.lissa(g, matvec_h, st["damping"], st["lissa_scale"], st["solver"]["steps"], st["batch_size"],
                                     st["seed"]),
                 TensorDataset(*(t[:k] for t in seq.test.tensors)),
             )

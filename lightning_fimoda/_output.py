@@ -4,7 +4,7 @@ Layout of ``output_dir``::
 
     report.md, report.json, scores.safetensors, gold_standard.safetensors, *.png   this run's report
     estimators/<label>.safetensors   each estimator's scores, saved as soon as they exist (score_store)
-    gold/<key>/                      the gold standard's resumable run directory (key: its job fingerprint id)
+    gold/<job id>/                   the gold standard's resumable run directory (further_training.store)
 
 A new report replaces the previous one's files (with a notice); ``estimators/`` and ``gold/`` are kept,
 so a rerun reuses every finished result whose fingerprint matches.

@@ -69,7 +69,6 @@ from ._quiet import quiet_attribution
 from ._tb import log_report
 from .estimators.base import Estimator
 from .exceptions import ConfigurationError
-from .further_training.fingerprint import fingerprint_id, job_fingerprint
 from .gold_standard import GoldStandard
 from .gradients import DEFAULT_MEMORY_BUDGET
 from .pipeline import EstimatorRun, build_estimators, check_estimators, run_estimators
@@ -103,8 +102,8 @@ class FiMODACallback(Callback):
             :class:`~lightning_fimoda.Estimator` objects; validated here.
         gold: ``None`` (no gold standard), a ``FurtherTrainingLoop``, or a dict of its keyword arguments
             without ``task`` (the YAML form; the task is the one resolved for the module). Without a
-            ``run_dir`` of its own it gets ``<output_dir>/gold/<key>`` (key: the further-training job's
-            fingerprint id: settings, model, task, data and indices), so finished units survive a failure and a rerun resumes them.
+            ``run_dir`` of its own it stores under ``<output_dir>/gold/<job fingerprint id>`` (the loop's
+            ``run_root``), so finished units survive a failure and a rerun resumes them.
         train_indices: training instances to score (and leave out in the gold standard).
         num_train: instead of ``train_indices``: a random choice of this many (seeded by ``seed``).
         test_indices: test instances to attribute.
@@ -246,10 +245,8 @@ class FiMODACallback(Callback):
         if plan.loop is None:
             return None, None
         loop = plan.loop
-        if getattr(loop, "run_dir", None) is None and callable(getattr(loop, "settings", None)):
-            job = job_fingerprint(loop.settings(), module, plan.task, plan.train_ds, plan.test_ds, plan.train_idx,
-                                  plan.test_idx)
-            loop.run_dir = plan.directory / "gold" / fingerprint_id(job)
+        if getattr(loop, "run_dir", None) is None and getattr(loop, "run_root", None) is None:
+            loop.run_root = plan.directory / "gold"  # one sub-folder per job fingerprint
         stages = StageLog(1, self.progress, what="stage")
         start = time.perf_counter()
         gold = loop.run(module, plan.train_ds, plan.test_ds, plan.train_idx, plan.test_idx)

@@ -5,6 +5,11 @@ normal entries, so ``E[(Π g)·(Π h)] = g·h`` (Johnson-Lindenstrauss). ``R`` i
 rows ``[b·B, (b+1)·B)`` (block ``b`` of ``B = block_size`` parameter entries) are generated when needed
 from their own seed, derived from ``seed`` and ``b``, so the same :class:`Projector` gives the same
 ``Π`` for every chunk, for training and test gradients alike, on any chunking.
+
+Blocks are drawn on the gradients' device (no ``[B, d]`` host-to-device copy per chunk), so ``R``
+depends on the device type: torch's CPU and CUDA generators give different (equally valid) matrices
+for the same seed. Project training and test gradients on one device; results agree across devices
+only in expectation.
 """
 
 from __future__ import annotations

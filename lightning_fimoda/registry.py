@@ -1,65 +1,38 @@
-"""Estimator registry: names → estimator classes, with argument checking that lists what is allowed."""
+"""Estimator registry: names → estimator builders (classes, or factories such as ``cg`` =
+``InfluenceFunction`` with the CG solver). Argument checking is the estimators' own: their config
+dataclasses reject unknown names (listing the allowed ones) and bad values."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._registry import registering
 
 if TYPE_CHECKING:
     from .estimators.base import Estimator
 
-__all__ = ["available_estimators", "build_estimator", "estimator_class", "register_estimator"]
+__all__ = ["available_estimators", "build_estimator", "register_estimator"]
 
-_REGISTRY: dict[str, type[Estimator]] = {}
-E = TypeVar("E", bound="type[Estimator]")
+_REGISTRY: dict[str, Callable[..., Estimator]] = {}
+E = TypeVar("E", bound="Callable[..., Estimator]")
 
 
 def register_estimator(name: str) -> Callable[[E], E]:
-    """Class decorator: make an :class:`~lightning_fimoda.Estimator` buildable by ``name``."""
+    """Decorator: make an :class:`~lightning_fimoda.Estimator` class (or a factory returning one)
+    buildable by ``name``. A class gets ``name`` as its ``name`` (the default label)."""
 
-    def decorate(cls: E) -> E:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"An estimator named {name!r} is already registered ({_REGISTRY[name]}).")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def _load_builtin() -> None:
-    importlib.import_module("lightning_fimoda.estimators")
+    return registering(_REGISTRY, name, "estimator")
 
 
 def available_estimators() -> list[str]:
     """Sorted names of every registered estimator."""
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
-def estimator_class(name: str) -> type[Estimator]:
-    """The class registered under ``name``; unknown names raise ``KeyError`` listing the known ones."""
-    _load_builtin()
+def build_estimator(name: str, **kwargs: Any) -> Estimator:
+    """Construct the estimator registered as ``name``; unknown names raise ``KeyError`` listing the
+    known ones, bad keyword arguments ``TypeError`` listing the allowed ones."""
     if name not in _REGISTRY:
         raise KeyError(f"Unknown estimator {name!r}. Available: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name]
-
-
-def estimator_arguments(cls: type) -> list[str]:
-    """Keyword arguments accepted by an estimator class's constructor."""
-    sig = inspect.signature(cls.__init__)
-    return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind is not p.VAR_KEYWORD]
-
-
-def build_estimator(name: str, **kwargs: Any) -> Estimator:
-    """Construct the estimator registered as ``name``; bad keyword arguments list the allowed ones."""
-    cls = estimator_class(name)
-    allowed = estimator_arguments(cls)
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"Estimator {name!r} got unexpected argument(s) {unknown}. Allowed: {', '.join(allowed)}."
-        )
-    return cls(**kwargs)
+    return _REGISTRY[name](**kwargs)

@@ -5,7 +5,9 @@ from a model and a collated batch of ``B`` examples,
 
 - the per-example training loss ``ℓ(z; θ)`` — shape ``[B]``;
 - the measurement ``f(x; θ)`` on test examples — shape ``[B]`` (default: the per-example loss);
-- for Gauss-Newton methods, the model outputs ``[B, O]`` and the loss as a function of those outputs.
+- for Gauss-Newton methods, the model outputs ``[B, O]``, the loss as a function of those outputs and
+  its Hessian in them (:meth:`~AttributionTask.output_hessian`, ``[B, O, O]``; autodiff by default);
+- for TRAK, the model output function per example (:meth:`~AttributionTask.model_output`, ``[B]``).
 
 :class:`SupervisedTask` covers ``(x, y)`` batches. For other batches (dicts, Hugging Face text),
 subclass :class:`AttributionTask` and override :meth:`~AttributionTask.outputs` and
@@ -23,9 +25,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import hessian, vmap
+from torch.utils._pytree import tree_map
 from torch.utils.data import default_collate
 
-__all__ = ["AttributionTask", "SupervisedTask", "resolve_task"]
+__all__ = ["AttributionTask", "SupervisedTask", "margin", "resolve_task"]
 
 
 class AttributionTask:
@@ -41,7 +45,7 @@ class AttributionTask:
         """Model outputs ``[B, O]`` whose Hessian-of-loss defines the Gauss-Newton matrix."""
         raise NotImplementedError(
             f"{type(self).__name__} does not define outputs(); Gauss-Newton methods need it. "
-            "Override outputs() and loss_from_outputs(), or use hessian='true'."
+            "Override outputs() and loss_from_outputs(), or use hessian='exact'."
         )
 
     def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
@@ -54,6 +58,31 @@ class AttributionTask:
     def per_example_loss(self, model: nn.Module, batch: Any) -> Tensor:
         """Per-example training loss ``ℓ(z; θ)``, shape ``[B]`` (no reduction over the batch)."""
         return self.loss_from_outputs(self.outputs(model, batch), batch)
+
+    def output_hessian(self, outputs: Tensor, batch: Any) -> Tensor:
+        """``∇²_o ℓ`` per example ``[B, O, O]`` at ``outputs`` ``[B, O]``.
+
+        Default: ``torch.func.hessian`` of :meth:`loss_from_outputs`, vmapped over examples; override
+        with a closed form when there is one (as :class:`SupervisedTask` does).
+        """
+
+        def loss_one(o: Tensor, example: Any) -> Tensor:
+            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+            return self.loss_from_outputs(o.unsqueeze(0), one)[0]
+
+        in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
+        return vmap(hessian(loss_one), in_dims=(0, in_dims))(outputs, batch)
+
+    def model_output(self, model: nn.Module, batch: Any) -> Tensor:
+        """TRAK's model output function ``F(z; θ)`` per example, shape ``[B]``.
+
+        TRAK assumes the loss is a convex function of ``F``; for softmax classification use the
+        margin ``o_y − logsumexp_{c≠y} o_c`` (:func:`margin`), for scalar regression the prediction.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define model_output(); TRAK needs it: return the margin "
+            "(lightning_fimoda.task.margin(logits, labels)) for classification, the prediction for regression."
+        )
 
     def measurement(self, model: nn.Module, batch: Any) -> Tensor:
         """Evaluation function ``f(x; θ)`` per test example, shape ``[B]``; default: the loss."""
@@ -117,6 +146,18 @@ class SupervisedTask(AttributionTask):
             return (outputs - target).pow(2).sum(dim=1)
         return F.cross_entropy(outputs, y.long().reshape(-1), reduction="none")
 
+    def model_output(self, model: nn.Module, batch: Any) -> Tensor:
+        """Cross-entropy: the margin ``o_y − logsumexp_{c≠y} o_c``; MSE: the scalar prediction."""
+        outputs = self.outputs(model, batch)
+        if self.loss == "cross_entropy":
+            return margin(outputs, self.unpack(batch)[1])
+        if outputs.shape[1] != 1:
+            raise ValueError(
+                f"SupervisedTask(mse): TRAK's model output is the prediction, which needs one output per "
+                f"example; the model gives {outputs.shape[1]}."
+            )
+        return outputs[:, 0]
+
     def output_hessian(self, outputs: Tensor, batch: Any) -> Tensor:
         """Closed-form Hessian of the per-example loss in the outputs, ``[B, O, O]``."""
         b, o = outputs.shape
@@ -128,6 +169,17 @@ class SupervisedTask(AttributionTask):
 
     def __repr__(self) -> str:
         return f"SupervisedTask(loss={self.loss!r})"
+
+
+def margin(logits: Tensor, labels: Tensor) -> Tensor:
+    """``o_y − logsumexp_{c≠y} o_c`` per example ``[B]`` from logits ``[B, C]`` and labels ``[B]``.
+
+    vmap-safe: an ``arange(C) == y`` mask instead of ``F.one_hot`` or in-place writes.
+    """
+    is_label = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0) == labels.reshape(-1, 1).long()
+    correct = (logits * is_label).sum(dim=1)
+    others = torch.where(is_label, torch.full_like(logits, float("-inf")), logits).logsumexp(dim=1)
+    return correct - others
 
 
 def resolve_task(module: nn.Module, task: AttributionTask | None = None) -> AttributionTask:

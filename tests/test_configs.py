@@ -62,7 +62,7 @@ def test_shipped_config_prints_and_builds_exactly_its_estimators(path, tmp_path,
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump({"fimoda": printed["fimoda"]}))
     built = callback_from_config(tmp_path / "printed.yaml").estimators
     listed = _listed(yaml.safe_load(path.read_text()))
-    assert [(type(e).name, e.label) for e in built] == [(name, label) for name, label, _ in listed]
+    assert [(e.settings()["estimator"], e.label) for e in built] == [(name, label) for name, label, _ in listed]
     for est, (_, _, kwargs) in zip(built, listed):
         settings = est.settings()
         for key, value in kwargs.items():

@@ -55,9 +55,9 @@ def test_changed_task_is_refused(tmp_path):
             return self.per_example_loss(model, batch) + 1.0
 
     model, train, test = problem()
-    loop(tmp_path).run(model, train, test, LOO)
+    loop(tmp_path, engine="vectorised").run(model, train, test, LOO)
     with pytest.raises(MismatchError, match=r"differing: \['task'\]"):
-        loop(tmp_path, task=Shifted()).run(model, train, test, LOO)
+        loop(tmp_path, task=Shifted(), engine="vectorised").run(model, train, test, LOO)
     with pytest.raises(MismatchError, match=r"differing: \['task'\]"):
         loop(tmp_path, task=SupervisedTask("cross_entropy")).run(model, train, test, LOO)
 
@@ -205,3 +205,17 @@ def test_gold_standard_file_still_loads(tmp_path):
     model, train, test = problem()
     gold = loop(tmp_path).run(model, train, test, LOO)
     assert GoldStandard.load(tmp_path / "gold_standard.safetensors").equals(gold)
+
+
+def test_run_root_gives_each_job_its_own_directory(tmp_path):
+    model, train, test = problem()
+    first = loop(None, run_root=tmp_path)
+    gold = first.run(model, train, test, LOO)
+    frozen, _, _ = problem()
+    frozen[0].bias.requires_grad_(False)  # same weights, another job (the bias is not trained further)
+    other = loop(None, run_root=tmp_path)
+    other.run(frozen, train, test, LOO)
+    assert other.info["run_dir"] != first.info["run_dir"] and other.info["units_loaded"] == 0
+    again = loop(None, run_root=tmp_path)
+    assert again.run(model, train, test, LOO).equals(gold) and again.info["units_computed"] == 0
+    assert again.info["run_dir"] == first.info["run_dir"]

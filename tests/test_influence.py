@@ -47,7 +47,7 @@ def per_example_grads(model: nn.Module, data: TensorDataset, theta: Tensor | Non
 
 
 def dense_curvature(model: nn.Module, train: TensorDataset, hessian: str) -> Tensor:
-    if hessian == "true":
+    if hessian == "exact":
         return dense_true_hessian(model, train, mse)
     out_h = lambda o, y: 2 * torch.eye(o.shape[1], dtype=o.dtype).expand(len(o), o.shape[1], o.shape[1])  # noqa: E731
     return dense_gauss_newton(model, train, out_h)
@@ -84,7 +84,7 @@ def setup():
     return trained_mlp()
 
 
-@pytest.mark.parametrize("hessian", ["gauss_newton", "true"])
+@pytest.mark.parametrize("hessian", ["gauss_newton", "exact"])
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_every_solver_matches_the_dense_oracle(setup, solver, hessian):
     model, train, test = setup
@@ -101,7 +101,7 @@ def test_every_solver_matches_the_dense_oracle(setup, solver, hessian):
 def test_true_and_gauss_newton_differ_off_a_minimum(setup):
     model, train, test = setup
     gn, _ = scores_of("explicit", model, train, test, damping=0.05)
-    true, _ = scores_of("explicit", model, train, test, damping=0.05, hessian="true")
+    true, _ = scores_of("explicit", model, train, test, damping=0.05, hessian="exact")
     assert (gn - true).abs().max() > 1e-3 * gn.abs().max()
 
 
@@ -156,7 +156,7 @@ def test_exact_leave_one_out_refits_on_least_squares():
                        for j in range(len(x))], dim=1) - test_loss(w).unsqueeze(1)  # [T, n]
     model, train, test = linear_model(w), TensorDataset(x, y), TensorDataset(x_test, y_test)
     for solver in SOLVERS:
-        for hessian in ("gauss_newton", "true"):
+        for hessian in ("gauss_newton", "exact"):
             kwargs = {"depth": 200} if solver == "lissa" else {}
             scores, _ = scores_of(solver, model, train, test, hessian=hessian, damping=1e-8, **kwargs)
             assert (row_cosine(scores, loo) > 0.98).all(), (solver, hessian)
@@ -184,7 +184,7 @@ def test_generalized_equals_standard_at_a_stationary_point_of_a_convex_problem(s
     torch.testing.assert_close(general, standard, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("hessian", ["gauss_newton", "true"])
+@pytest.mark.parametrize("hessian", ["gauss_newton", "exact"])
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_generalized_differs_off_a_stationary_point_and_matches_its_dense_oracle(setup, solver, hessian):
     model, train, test = setup
@@ -204,7 +204,7 @@ def test_lissa_too_small_scale_diverges_and_auto_scale_converges(setup):
         scores_of("lissa", model, train, test, damping=0.5, scale=1.0)
     scores, settings = scores_of("lissa", model, train, test, damping=0.5, scale="auto")
     assert settings["lissa_scale"] > 1.0 and settings["lissa_scales_tried"][-1] == settings["lissa_scale"]
-    assert len(settings["lissa_scales_tried"]) > 1  # the smaller ones diverged
+    assert settings["lissa_scale"] > settings["lissa_lambda_max"]  # above the largest eigenvalue: no divergence
     assert (row_cosine(scores, dense_scores(model, train, test, "gauss_newton", 0.5)) > 0.99).all()
 
 
@@ -217,20 +217,19 @@ def test_lissa_on_sampled_mini_batches_approximates_the_full_data_solve(setup):
     torch.testing.assert_close(scores, again, rtol=0, atol=0)  # seeded
 
 
-def test_lissa_auto_scale_rejects_bounded_but_noise_dominated_scales(setup):
-    """Tiny mini-batches: at scale 10 the recursion stays bounded (no divergence) but oscillates, and
-    its result is worse than x = 0 on the full data. ``auto`` must move past it to a scale that solves."""
+def test_lissa_auto_scale_handles_noise_dominated_mini_batches(setup):
+    """Tiny mini-batches (3 of 30): at scale 10 (below the largest eigenvalue, 20) the recursion stays
+    bounded but oscillates; the noise floor is above tol, so both runs warn with the residual. ``auto``
+    takes a scale above the largest eigenvalue and, averaging iterates, still solves."""
     model, train, test = setup
     oracle = dense_scores(model, train, test, "gauss_newton", 0.2)
     lissa = {"damping": 0.2, "batch_size": 3, "depth": 300}
-    with pytest.warns(RuntimeWarning, match="far from"):
-        noisy, settings = scores_of("lissa", model, train, test, scale=10.0, **lissa)
-    assert settings["solver"]["max_relative_residual"] > 1.0
-    assert row_cosine(noisy, oracle).min() < 0.9
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        scores, settings = scores_of("lissa", model, train, test, scale="auto", **lissa)
-    assert settings["lissa_scale"] > 10.0 and 10.0 in settings["lissa_scales_tried"]
+    with pytest.warns(RuntimeWarning, match="reached depth=300 before the relative residual tol"):
+        _, settings = scores_of("lissa", model, train, test, scale=10.0, **lissa)
+    assert settings["solver"]["max_relative_residual"] > 1e-2 and not settings["solver"]["converged"]
+    with pytest.warns(RuntimeWarning, match="reached depth=300 before the relative residual tol"):
+        scores, settings = scores_of("lissa", model, train, test, scale="auto", **lissa)  # noise floor > tol
+    assert settings["lissa_scale"] > 10.0 and settings["lissa_scale"] > settings["lissa_lambda_max"]
     assert settings["solver"]["max_relative_residual"] <= 1.0
     assert (row_cosine(scores, oracle) > 0.95).all()
 
@@ -241,7 +240,7 @@ def test_arnoldi_finds_the_top_eigenvalues(setup):
     top = torch.linalg.eigvalsh(dense).flip(0)[:4]
     est = build_estimator("arnoldi", rank=4, iterations=26, damping=0.5).fit(model, TASK, train)
     assert est.info["arnoldi"]["rank"] == 4
-    torch.testing.assert_close(est._evals.sort(descending=True).values, top)
+    torch.testing.assert_close(est.solver.eigenvalues.sort(descending=True).values, top)
 
 
 def test_cg_reports_non_convergence_with_a_warning(setup):

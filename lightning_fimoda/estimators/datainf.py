@@ -16,49 +16,50 @@ scoring is one ``[T, P] × [P, N]`` product.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..exceptions import ConfigurationError
 from ..gradients import per_sample_gradients
 from ..registry import register_estimator
 from .base import Estimator
+from .config import EstimatorConfig
 
-__all__ = ["DataInf"]
+__all__ = ["DataInf", "DataInfConfig"]
+
+
+@dataclass(frozen=True)
+class DataInfConfig(EstimatorConfig):
+    """Args:
+    damping_scale: ``c`` (0.1 by default, SPEC §3).
+    chunk_size: training examples per chunk when the sums over the training set need gradients of
+        examples that are not scored (they are then streamed twice, never all held at once).
+    """
+
+    damping_scale: float = 0.1
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._number("damping_scale", strict=True)
+        self._integer("chunk_size")
 
 
 @register_estimator("datainf")
 class DataInf(Estimator):
     """DataInf with per-layer damping ``λ_l = damping_scale · (mean squared gradient entry of l)``.
 
-    Args:
-        damping_scale: ``c`` (0.1 by default, SPEC §3).
-        chunk_size: training examples per chunk when the sums over the training set need gradients of
-            examples that are not scored (they are then streamed twice, never all held at once).
-        params, label: see :class:`~lightning_fimoda.Estimator`.
-
-    ``info["damping"]`` reports ``λ_l`` per layer.
+    Settings: :class:`DataInfConfig`. ``info["damping"]`` reports ``λ_l`` per layer.
     """
 
-    def __init__(
-        self,
-        *,
-        damping_scale: float = 0.1,
-        chunk_size: int = 4096,
-        params: Sequence[str] | None = None,
-        label: str | None = None,
-    ) -> None:
-        super().__init__(params=params, label=label)
-        self.damping_scale = damping_scale
-        self.chunk_size = chunk_size
+    config_class = DataInfConfig
 
     def _fit(self) -> None:
-        c = float(self.damping_scale)
-        if not (math.isfinite(c) and c > 0):
-            raise ValueError(f"{self.label}: damping_scale must be > 0, got {self.damping_scale!r}.")
+        c = self.config.damping_scale
         scored = self.train_gradients()
         layers = scored.layer_slices()
         n = len(self.train_dataset_)
@@ -69,7 +70,7 @@ class DataInf(Estimator):
         lam = {name: c * sums[name] / (n * (sl.stop - sl.start)) for name, sl in layers.items()}
         if any(v <= 0 for v in lam.values()):
             zero = [name for name, v in lam.items() if v <= 0]
-            raise ValueError(f"{self.label}: the training gradients of layer(s) {zero} are all zero.")
+            raise ConfigurationError(f"{self.label}: the training gradients of layer(s) {zero} are all zero.")
         g_j = scored.flat
         correction = torch.zeros_like(g_j)
         for chunk in self._training_set_gradients():
@@ -89,10 +90,9 @@ class DataInf(Estimator):
         if self.train_indices_.numel() == n:  # scored set = training set (indices are unique)
             yield self.train_gradients().flat
             return
-        if int(self.chunk_size) < 1:
-            raise ValueError(f"{self.label}: chunk_size must be >= 1, got {self.chunk_size}.")
-        for start in range(0, n, int(self.chunk_size)):
-            idx = torch.arange(start, min(n, start + int(self.chunk_size)))
+        chunk = self.config.chunk_size
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(n, start + chunk))
             yield per_sample_gradients(
                 self.model_, self.task_, self.train_dataset_, idx, kind="loss", params=self.params,
                 memory_budget=self.cache_.memory_budget,

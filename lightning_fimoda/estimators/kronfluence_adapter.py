@@ -42,10 +42,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import math
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -56,10 +56,14 @@ from torch import Tensor, nn
 from .._data import model_device_dtype
 from .._files import WorkDir
 from .._quiet import library_output
+from ..curvature import checked_output_hessian
+from ..exceptions import ConfigurationError, NotFittedError
 from ..functional import select_parameters
 from ..registry import register_estimator
 from ..task import AttributionTask, SupervisedTask
+from ._library import library_errors, library_module
 from .base import Estimator
+from .config import EstimatorConfig
 
 __all__ = ["EKFAC", "KFAC", "DiagonalFisher", "KronfluenceIdentity", "kronfluence_tracked_modules"]
 
@@ -74,12 +78,11 @@ def kronfluence_tracked_modules(
 
     Returns ``(modules, ignored)``: names of the ``nn.Linear`` / ``nn.Conv2d`` layers (exact types, as
     kronfluence wraps only those) owning selected trainable parameters, and the selected parameter
-    names that belong to no such layer. Raises ``ValueError`` when a tracked layer has a parameter
+    names that belong to no such layer. Raises ``ConfigurationError`` when a tracked layer has a parameter
     that is not selected (kronfluence always treats a layer's weight and bias together) or when
     nothing can be tracked.
     """
-    from kronfluence.module.tracked_module import TrackedModule
-
+    TrackedModule = library_module("kronfluence.module.tracked_module", "ekfac").TrackedModule
     supported = tuple(TrackedModule.SUPPORTED_MODULES)
     names = select_parameters(model, selection)
     owner: dict[str, str] = {}
@@ -95,13 +98,13 @@ def kronfluence_tracked_modules(
     for module_name in modules:
         missing = [p for p in layer_params[module_name] if p not in chosen]
         if missing:
-            raise ValueError(
+            raise ConfigurationError(
                 f"kronfluence treats all parameters of layer {module_name!r} together, but {missing} "
                 f"are not selected (or not trainable); select the whole layer ({module_name!r})."
             )
     if not modules:
         kinds = ", ".join(t.__name__ for t in supported)
-        raise ValueError(
+        raise ConfigurationError(
             f"kronfluence can track none of the selected parameters {names}: it supports only layers of "
             f"type {kinds}. Select such layers with params=[...], or use a native estimator."
         )
@@ -128,23 +131,12 @@ class _FisherSampler:
             probs = detached.softmax(dim=1)
             labels = torch.multinomial(probs, 1, generator=gen).reshape(-1)
             return F.cross_entropy(outputs, labels, reduction="sum")
-        hess = self._output_hessian(detached, batch)  # [B, O, O]
+        hess = checked_output_hessian(self.task, detached, batch)  # [B, O, O]
         evals, evecs = torch.linalg.eigh(hess)
         root = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)  # root rootᵀ = PSD part of the Hessian
         noise = torch.randn(detached.shape, generator=gen, dtype=detached.dtype, device=detached.device)
         v = torch.einsum("bij,bj->bi", root, noise)
         return (outputs * v).sum()
-
-    def _output_hessian(self, outputs: Tensor, batch: Any) -> Tensor:
-        closed_form = getattr(self.task, "output_hessian", None)
-        if callable(closed_form):
-            return closed_form(outputs, batch)
-        b, o = outputs.shape
-        with torch.enable_grad():
-            out = outputs.clone().requires_grad_(True)
-            grads = torch.autograd.grad(self.task.loss_from_outputs(out, batch).sum(), out, create_graph=True)[0]
-            rows = [torch.autograd.grad(grads[:, k].sum(), out, retain_graph=True)[0] for k in range(o)]
-        return torch.stack(rows, dim=1).reshape(b, o, o).detach()
 
 
 _RELEASE_MEMORY_USERS = (
@@ -185,8 +177,7 @@ def _make_kronfluence_task(
     task: AttributionTask, modules: list[str], sampler: _FisherSampler
 ) -> Any:
     """Our task as a ``kronfluence.task.Task`` with summed losses over the tracked ``modules``."""
-    from kronfluence.task import Task
-
+    Task = library_module("kronfluence.task", "ekfac").Task
     class _Adapter(Task):
         def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
             if not sample:
@@ -202,8 +193,9 @@ def _make_kronfluence_task(
     return _Adapter()
 
 
-class _Kronfluence(Estimator):
-    """Influence through one kronfluence strategy (see the module docstring for the conventions).
+@dataclass(frozen=True)
+class KronfluenceConfig(EstimatorConfig):
+    """Settings of the kronfluence estimators.
 
     Args:
         damping: ``λ`` added to the example-averaged curvature of every layer; ``None``: kronfluence's
@@ -216,43 +208,43 @@ class _Kronfluence(Estimator):
             temporary directory, removed when the estimator is refitted or garbage-collected).
         progress: show kronfluence's progress bars.
         params: parameter or module names to attribute over (only ``nn.Linear`` / ``nn.Conv2d`` layers).
-        label: name under which results are reported.
     """
 
-    strategy: ClassVar[str]
+    damping: float | None = None
+    fisher: Literal["sampled", "empirical"] = "sampled"
+    seed: int = 0
+    batch_size: int = 128
+    output_dir: str | Path | None = None
+    progress: bool = False
 
-    def __init__(
-        self,
-        *,
-        damping: float | None = None,
-        fisher: Literal["sampled", "empirical"] = "sampled",
-        seed: int = 0,
-        batch_size: int = 128,
-        output_dir: str | Path | None = None,
-        progress: bool = False,
-        params: Sequence[str] | None = None,
-        label: str | None = None,
-    ) -> None:
-        super().__init__(params=params, label=label)
-        if damping is not None and not (math.isfinite(float(damping)) and float(damping) >= 0):
-            raise ValueError(f"damping must be None or a finite number >= 0, got {damping}.")
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}.")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        self.damping = damping
-        self.fisher = fisher
-        self.seed = seed
-        self.batch_size = int(batch_size)
-        self.output_dir = output_dir
-        self.progress = progress
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._number("damping", optional=True)
+        self._choice("fisher", FISHERS)
+        self._integer("seed", minimum=0)
+        self._integer("batch_size")
+        self._flag("progress")
+
+
+class _Kronfluence(Estimator):
+    """Influence through one kronfluence strategy (see the module docstring for the conventions);
+    settings: :class:`KronfluenceConfig`."""
+
+    strategy: ClassVar[str]
+    config_class = KronfluenceConfig
+
+    def __init__(self, config: KronfluenceConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
         self._workdir = WorkDir()
         self._n_scores = 0
 
     # -- fitting ----------------------------------------------------------------------------------
+    def _check(self, model: nn.Module, task: AttributionTask, train_dataset: Any, names: list[str]) -> None:
+        kronfluence_tracked_modules(model, self.params)  # nothing trackable / a split layer: raise now
+
     def _fit(self) -> None:
-        from kronfluence.analyzer import Analyzer, prepare_model
-        from kronfluence.arguments import FactorArguments
+        analyzer = library_module("kronfluence.analyzer", self.name)
+        FactorArguments = library_module("kronfluence.arguments", self.name).FactorArguments  # noqa: N806
 
         self._workdir.release()
         modules, ignored = kronfluence_tracked_modules(self.model_, self.params)
@@ -266,31 +258,32 @@ class _Kronfluence(Estimator):
         device, dtype = model_device_dtype(self.model_)
         self._dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._cuda = device.type == "cuda"
-        workdir = self._workdir.new(self, self.name, self.output_dir)
+        workdir = self._workdir.new(self, self.name, self.config.output_dir)
         try:
             model_copy = copy.deepcopy(self.model_)
         except Exception as err:  # noqa: BLE001 - re-raised with context
-            raise TypeError(f"{self.label}: the model cannot be deep-copied for kronfluence: {err}") from err
+            raise ConfigurationError(f"{self.label}: the model cannot be deep-copied for kronfluence: {err}") from err
         kf_modules = modules
         if modules == [""]:  # the model is a single layer: kronfluence can only wrap submodules
             model_copy, kf_modules = nn.Sequential(model_copy), ["0"]
-        sampler = _FisherSampler(self.task_, self.seed)
+        sampler = _FisherSampler(self.task_, self.config.seed)
         kf_task = _make_kronfluence_task(self.task_, kf_modules, sampler)
-        with library_output("kronfluence"), _light_memory_release(device.type == "cuda"):
-            prepared = prepare_model(model_copy, kf_task)
-            self._analyzer = Analyzer(
+        with library_errors(self.label, "kronfluence"), library_output("kronfluence"), \
+                _light_memory_release(device.type == "cuda"):
+            prepared = analyzer.prepare_model(model_copy, kf_task)
+            self._analyzer = analyzer.Analyzer(
                 analysis_name="fimoda",
                 model=prepared,
                 task=kf_task,
                 cpu=device.type == "cpu",
-                disable_tqdm=not self.progress,
+                disable_tqdm=not self.config.progress,
                 output_dir=str(workdir),
                 disable_model_save=True,
             )
             dt = self._dtype
             factor_args = FactorArguments(
                 strategy=self.strategy,
-                use_empirical_fisher=self.fisher == "empirical",
+                use_empirical_fisher=self.config.fisher == "empirical",
                 covariance_max_examples=None,
                 lambda_max_examples=None,
                 activation_covariance_dtype=dt,
@@ -301,7 +294,7 @@ class _Kronfluence(Estimator):
             self._analyzer.fit_all_factors(
                 factors_name="factors",
                 dataset=self.train_dataset_,
-                per_device_batch_size=self.batch_size,
+                per_device_batch_size=self.config.batch_size,
                 dataloader_kwargs=self._loader_kwargs(),
                 factor_args=factor_args,
                 overwrite_output_dir=True,
@@ -312,17 +305,14 @@ class _Kronfluence(Estimator):
         self.info = {"tracked_modules": modules, "ignored_parameters": ignored, "damping": damping}
 
     def _loader_kwargs(self) -> Any:
-        from kronfluence.utils.dataset import DataLoaderKwargs
-
-        return DataLoaderKwargs(collate_fn=self.task_.collate)
+        return library_module("kronfluence.utils.dataset", self.name).DataLoaderKwargs(collate_fn=self.task_.collate)
 
     def _damping_used(self) -> float | dict[str, float] | None:
         if self.strategy == "identity":
             return None
-        if self.damping is not None:
-            return float(self.damping)
-        from kronfluence.utils import constants as c
-
+        if self.config.damping is not None:
+            return float(self.config.damping)
+        c = library_module("kronfluence.utils.constants", self.name)
         out: dict[str, float] = {}
         if self.strategy == "kfac":
             eig = self._analyzer.load_eigendecomposition("factors")
@@ -338,13 +328,12 @@ class _Kronfluence(Estimator):
 
     # -- scoring ----------------------------------------------------------------------------------
     def _score(self, test_dataset: Any, test_indices: Tensor) -> Tensor:
-        from kronfluence.arguments import ScoreArguments
-
+        ScoreArguments = library_module("kronfluence.arguments", self.name).ScoreArguments  # noqa: N806
         if not self._workdir.exists():
-            raise RuntimeError(f"{self.label}: kronfluence's factors are gone; fit the estimator again.")
+            raise NotFittedError(f"{self.label}: kronfluence's factors are gone; fit the estimator again.")
         dt = self._dtype
         score_args = ScoreArguments(
-            damping_factor=None if self.damping is None else float(self.damping),
+            damping_factor=None if self.config.damping is None else float(self.config.damping),
             per_sample_gradient_dtype=dt,
             precondition_dtype=dt,
             score_dtype=dt,
@@ -352,14 +341,15 @@ class _Kronfluence(Estimator):
         )
         self._n_scores += 1
         name = f"scores{self._n_scores}"
-        with library_output("kronfluence"), _light_memory_release(self._cuda):
+        with library_errors(self.label, "kronfluence"), library_output("kronfluence"), \
+                _light_memory_release(self._cuda):
             self._analyzer.compute_pairwise_scores(
                 scores_name=name,
                 factors_name="factors",
                 query_dataset=test_dataset,
                 train_dataset=self.train_dataset_,
-                per_device_query_batch_size=self.batch_size,
-                per_device_train_batch_size=self.batch_size,
+                per_device_query_batch_size=self.config.batch_size,
+                per_device_train_batch_size=self.config.batch_size,
                 query_indices=test_indices.tolist(),
                 train_indices=self.train_indices_.tolist(),
                 dataloader_kwargs=self._loader_kwargs(),
@@ -370,7 +360,7 @@ class _Kronfluence(Estimator):
         if loaded is None:
             raise RuntimeError(f"{self.label}: kronfluence produced no pairwise scores.")
         raw = loaded["all_modules"].detach().to("cpu", copy=True)
-        if self.output_dir is None:
+        if self.config.output_dir is None:
             shutil.rmtree(self._analyzer.scores_output_dir(name), ignore_errors=True)
         return raw / len(self.train_dataset_)
 

@@ -49,23 +49,27 @@ import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._data import iter_batches, model_device_dtype
+from .._data import iter_batches, load_batch, model_device_dtype
 from .._files import WorkDir
 from .._quiet import library_output
-from ..functional import FunctionalTask
+from ..exceptions import ConfigurationError, NotFittedError
+from ..functional import FunctionalTask, eval_mode
 from ..registry import register_estimator
-from ..task import SupervisedTask
+from ..task import AttributionTask, SupervisedTask
+from ._library import library_errors, library_module
 from .base import Estimator
+from .config import EstimatorConfig
 
-__all__ = ["TRAK"]
+__all__ = ["TRAK", "TRAKConfig"]
 
 MODEL_OUTPUTS = ("auto", "prediction", "margin")
 PROJECTORS = ("auto", "basic", "cuda")
@@ -112,18 +116,18 @@ class _ModelOutput:
         params = self._params(weights)
         if self.mode == "target":
             return self.fn.measurement(params, batch).sum()
-        outputs = self.fn.outputs(params, batch)
         if self.kind == "prediction":
-            return outputs.sum()
-        return _margins(outputs, batch).sum()
+            return self.fn.outputs(params, batch).sum()
+        return self.fn.call("model_output", params, batch).sum()
 
     def get_out_to_loss_grad(self, model: Any, weights: dict[str, Tensor], buffers: Any, batch: Any) -> Tensor:
         real = self._rebuild(batch, unsqueeze=False)
         params = self._params(weights)
+        detached = {n: p.detach() for n, p in params.items()}
         with torch.no_grad():
-            outputs = self.fn.outputs({n: p.detach() for n, p in params.items()}, real)
-        if self.kind == "margin":
-            return -torch.sigmoid(-_margins(outputs, real)).unsqueeze(1)
+            if self.kind == "margin":  # ℓ = log(1 + e^(-m)): ∂ℓ/∂m = −σ(−m)
+                return -torch.sigmoid(-self.fn.call("model_output", detached, real)).unsqueeze(1)
+            outputs = self.fn.outputs(detached, real)
         with torch.enable_grad():
             out = outputs.clone().requires_grad_(True)
             q = torch.autograd.grad(self.fn.task.loss_from_outputs(out, real).sum(), out, create_graph=True)[0]
@@ -132,18 +136,8 @@ class _ModelOutput:
         return q.detach()
 
 
-def _margins(logits: Tensor, batch: Any) -> Tensor:
-    """``o_y − logsumexp_{c≠y} o_c`` per example ``[B]`` (vmap-safe: no in-place writes)."""
-    _, y = SupervisedTask.unpack(batch)
-    classes = torch.arange(logits.shape[1], device=logits.device)
-    is_label = classes.unsqueeze(0) == y.reshape(-1, 1).long()
-    correct = (logits * is_label).sum(dim=1)
-    others = torch.where(is_label, torch.full_like(logits, -math.inf), logits).logsumexp(dim=1)
-    return correct - others
-
-
 def _score_computer_class() -> type:
-    from trak.score_computers import BasicScoreComputer
+    BasicScoreComputer = library_module("trak.score_computers", "trak").BasicScoreComputer  # noqa: N806
 
     class _UncenteredScoreComputer(BasicScoreComputer):
         """traker's score computer without the rescaling of ``(ΦᵀΦ + λ_reg I)^{-1}``; solve in float64."""
@@ -163,7 +157,7 @@ def _score_computer_class() -> type:
 @contextlib.contextmanager
 def _traker_progress(progress: bool) -> Iterator[None]:
     """traker's module-level ``tqdm`` bars follow our ``progress`` switch."""
-    import trak.traker as module
+    module = library_module("trak.traker", "trak")
 
     original = module.tqdm
     module.tqdm = functools.partial(original, disable=not progress)
@@ -173,9 +167,9 @@ def _traker_progress(progress: bool) -> Iterator[None]:
         module.tqdm = original
 
 
-@register_estimator("trak")
-class TRAK(Estimator):
-    """TRAK (M = 1) through traker; see the module docstring for formulas, scale and damping.
+@dataclass(frozen=True)
+class TRAKConfig(EstimatorConfig):
+    """Settings of :class:`TRAK`.
 
     Args:
         proj_dim: projection dimension ``k`` (``None``: no projection, exact gradients).
@@ -185,83 +179,113 @@ class TRAK(Estimator):
         damping: ``λ`` in the units of the influence function (converted to traker's ``lambda_reg``);
             ``None``: ``0.1 ×`` the mean eigenvalue of TRAK's curvature.
         lambda_reg: traker's ridge term on ``ΦᵀΦ``, instead of ``damping``.
-        model_output: ``"prediction"`` (scalar regression outputs), ``"margin"``
-            (``SupervisedTask("cross_entropy")``) or ``"auto"`` (margin for that task, else prediction).
+        model_output: ``"prediction"`` (scalar regression outputs), ``"margin"`` (the task's
+            :meth:`~lightning_fimoda.AttributionTask.model_output`, a softmax margin, with
+            ``ℓ = log(1 + e^(−m))``) or ``"auto"`` (:class:`~lightning_fimoda.SupervisedTask`: margin for
+            cross-entropy, else prediction; other tasks: margin when they give several outputs).
         batch_size: examples per featurize / score call.
         half_precision: traker's float16 storage (GPU only).
         output_dir: keep traker's files in a new subdirectory of this folder (``None``: a private
             temporary directory, removed when the estimator is refitted or garbage-collected).
         progress: show traker's progress bars.
-        params: parameter or module names to attribute over (``None``: all trainable).
-        label: name under which results are reported.
     """
 
-    def __init__(
-        self,
-        *,
-        proj_dim: int | None = 2048,
-        projector: Literal["auto", "basic", "cuda"] = "auto",
-        projector_seed: int = 0,
-        damping: float | None = None,
-        lambda_reg: float | None = None,
-        model_output: Literal["auto", "prediction", "margin"] = "auto",
-        batch_size: int = 128,
-        half_precision: bool = False,
-        output_dir: str | Path | None = None,
-        progress: bool = False,
-        params: Sequence[str] | None = None,
-        label: str | None = None,
-    ) -> None:
-        super().__init__(params=params, label=label)
-        if proj_dim is not None and int(proj_dim) < 2:
-            raise ValueError(f"proj_dim must be None (no projection) or >= 2, got {proj_dim}.")
-        if projector not in PROJECTORS:
-            raise ValueError(f"projector must be one of {PROJECTORS}, got {projector!r}.")
-        if damping is not None and lambda_reg is not None:
-            raise ValueError("Give damping or lambda_reg, not both.")
-        for what, value in (("damping", damping), ("lambda_reg", lambda_reg)):
-            if value is not None and not (math.isfinite(float(value)) and float(value) >= 0):
-                raise ValueError(f"{what} must be None or a finite number >= 0, got {value}.")
-        if model_output not in MODEL_OUTPUTS:
-            raise ValueError(f"model_output must be one of {MODEL_OUTPUTS}, got {model_output!r}.")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        self.proj_dim = None if proj_dim is None else int(proj_dim)
-        self.projector = projector
-        self.projector_seed = projector_seed
-        self.damping = damping
-        self.lambda_reg = lambda_reg
-        self.model_output = model_output
-        self.batch_size = int(batch_size)
-        self.half_precision = half_precision
-        self.output_dir = output_dir
-        self.progress = progress
+    proj_dim: int | None = 2048
+    projector: Literal["auto", "basic", "cuda"] = "auto"
+    projector_seed: int = 0
+    damping: float | None = None
+    lambda_reg: float | None = None
+    model_output: Literal["auto", "prediction", "margin"] = "auto"
+    batch_size: int = 128
+    half_precision: bool = False
+    output_dir: str | Path | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._integer("proj_dim", minimum=2, optional=True)
+        self._choice("projector", PROJECTORS)
+        self._integer("projector_seed", minimum=0)
+        if self.damping is not None and self.lambda_reg is not None:
+            self._fail("give damping or lambda_reg, not both.")
+        self._number("damping", optional=True)
+        self._number("lambda_reg", optional=True)
+        self._choice("model_output", MODEL_OUTPUTS)
+        self._integer("batch_size")
+        self._flag("half_precision")
+        self._flag("progress")
+
+
+@register_estimator("trak")
+class TRAK(Estimator):
+    """TRAK (M = 1) through traker; see the module docstring for formulas, scale and damping.
+    Settings: :class:`TRAKConfig`."""
+
+    config_class = TRAKConfig
+
+    def __init__(self, config: TRAKConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
         self._workdir = WorkDir()
         self._n_scores = 0
 
+    def _check(self, model: nn.Module, task: AttributionTask, train_dataset: Any, names: list[str]) -> None:
+        """Resolve the model output for the task on two training examples (a forward pass, no gradients)."""
+        device, _ = model_device_dtype(model)
+        if self.config.half_precision and device.type == "cpu":
+            raise ConfigurationError("half_precision=True needs a GPU: traker cannot project float16 on CPU.")
+        batch = load_batch(task, train_dataset, torch.arange(min(2, len(train_dataset))), device)
+        with torch.no_grad(), eval_mode(model):
+            outputs = task.outputs(model, batch)
+            self._kind = self._resolve_model_output(task, outputs.shape[1])
+            if self._kind == "margin" and not isinstance(task, SupervisedTask):
+                try:
+                    margins = task.model_output(model, batch)
+                except NotImplementedError as err:
+                    raise ConfigurationError(f"{self.label}: {err}") from None
+                if tuple(margins.shape) != (outputs.shape[0],):
+                    raise ConfigurationError(
+                        f"{self.label}: {type(task).__name__}.model_output() returned shape "
+                        f"{tuple(margins.shape)} for {outputs.shape[0]} examples; expected [B]."
+                    )
+        if self._kind == "prediction" and outputs.shape[1] != 1:
+            raise ConfigurationError(
+                f"{self.label}: model_output='prediction' needs one output per example, the model gives "
+                f"{outputs.shape[1]}. For classification use SupervisedTask('cross_entropy') (margin)."
+            )
+
+    def _resolve_model_output(self, task: AttributionTask, num_outputs: int) -> str:
+        supervised = isinstance(task, SupervisedTask)
+        is_ce = supervised and task.loss == "cross_entropy"
+        kind = self.config.model_output
+        if kind == "auto":
+            kind = "margin" if is_ce or (not supervised and num_outputs > 1) else "prediction"
+        if kind == "margin" and supervised and not is_ce:
+            raise ConfigurationError(
+                f"{self.label}: model_output='margin' needs SupervisedTask('cross_entropy') (it reads the "
+                f"labels and relies on ℓ = log(1 + e^(-margin))) or a task whose model_output() is a margin; "
+                f"got {task!r}."
+            )
+        return kind
+
     # -- fitting ----------------------------------------------------------------------------------
     def _fit(self) -> None:
-        from trak import TRAKer
-
+        TRAKer = library_module("trak", self.name).TRAKer  # noqa: N806
         self._workdir.release()
         device, _ = model_device_dtype(self.model_)
-        if self.half_precision and device.type == "cpu":
-            raise ValueError("half_precision=True needs a GPU: traker cannot project float16 on CPU.")
         self._device = device
         self._device_str = "cpu" if device.type == "cpu" else str(device)
-        kind = self._resolve_model_output()
+        kind = self._kind
         try:
             model = copy.deepcopy(self.model_)
         except Exception as err:  # noqa: BLE001 - re-raised with context
-            raise TypeError(f"{self.label}: the model cannot be deep-copied for traker: {err}") from err
+            raise ConfigurationError(f"{self.label}: the model cannot be deep-copied for traker: {err}") from err
         model.eval()
         fn = FunctionalTask(model, self.task_, self.params)
-        self._check_outputs(fn, kind)
         self._out = _ModelOutput(fn, kind)
         n, p = len(self.train_dataset_), fn.num_params
         proj, scale = self._make_projector(model, p)
-        workdir = self._workdir.new(self, "trak", self.output_dir)
-        with library_output("trak"), _traker_progress(self.progress):
+        workdir = self._workdir.new(self, "trak", self.config.output_dir)
+        with library_errors(self.label, "traker"), library_output("trak"), _traker_progress(self.config.progress):
             self._traker = TRAKer(
                 model=model,
                 task=self._out,
@@ -273,18 +297,18 @@ class TRAK(Estimator):
                 score_computer=_score_computer_class(),
                 proj_dim=proj.proj_dim if proj.proj_dim else p,
                 logging_level=logging.WARNING,
-                use_half_precision=self.half_precision,
-                projector_seed=self.projector_seed,
+                use_half_precision=self.config.half_precision,
+                projector_seed=self.config.projector_seed,
                 grad_wrt=list(fn.names),
                 lambda_reg=0.0,
             )
             self._traker.load_checkpoint(model.state_dict(), model_id=0)
             for chunk, batch in iter_batches(self.task_, self.train_dataset_, torch.arange(n),
-                                             self.batch_size, device):
+                                             self.config.batch_size, device):
                 self._traker.featurize(batch=self._out.use_batch(batch), inds=chunk.numpy())
             h = self._out.curvature_sum / n if kind == "prediction" else 1.0
             if not h > 0:
-                raise ValueError(
+                raise ConfigurationError(
                     f"{self.label}: the loss has mean curvature {h:.3g} <= 0 in the model output; TRAK's "
                     "Gauss-Newton form needs a loss that is convex in the output."
                 )
@@ -302,40 +326,17 @@ class TRAK(Estimator):
             "projector": type(proj).__name__,
         }
 
-    def _resolve_model_output(self) -> str:
-        is_ce = isinstance(self.task_, SupervisedTask) and self.task_.loss == "cross_entropy"
-        kind = self.model_output
-        if kind == "auto":
-            kind = "margin" if is_ce else "prediction"
-        if kind == "margin" and not is_ce:
-            raise ValueError(
-                f"{self.label}: model_output='margin' needs SupervisedTask('cross_entropy') (it reads the "
-                f"labels and relies on ℓ = log(1 + e^(-margin))); got {self.task_!r}."
-            )
-        return kind
-
-    def _check_outputs(self, fn: FunctionalTask, kind: str) -> None:
-        idx = self.train_indices_[:2]
-        from .._data import load_batch
-
-        with torch.no_grad():
-            outputs = fn.outputs(fn.params, load_batch(self.task_, self.train_dataset_, idx, self._device))
-        if kind == "prediction" and outputs.shape[1] != 1:
-            raise ValueError(
-                f"{self.label}: model_output='prediction' needs one output per example, the model gives "
-                f"{outputs.shape[1]}. For classification use SupervisedTask('cross_entropy') (margin)."
-            )
-
     def _make_projector(self, model: torch.nn.Module, p: int) -> tuple[Any, float]:
         """The projector and ``s = E‖Pᵀv‖²/‖v‖²`` (1 without projection, ``k`` otherwise)."""
-        from trak.projectors import BasicProjector, CudaProjector, NoOpProjector, ProjectionType
-
-        if self.proj_dim is None:
+        projectors = library_module("trak.projectors", self.name)
+        BasicProjector, CudaProjector = projectors.BasicProjector, projectors.CudaProjector  # noqa: N806
+        NoOpProjector, ProjectionType = projectors.NoOpProjector, projectors.ProjectionType  # noqa: N806
+        if self.config.proj_dim is None:
             return NoOpProjector(device=self._device_str), 1.0
-        k = self.proj_dim
-        dtype = torch.float16 if self.half_precision else torch.float32
-        use_cuda = self.projector == "cuda"
-        if self.projector == "auto" and self._device.type == "cuda":
+        k = self.config.proj_dim
+        dtype = torch.float16 if self.config.half_precision else torch.float32
+        use_cuda = self.config.projector == "cuda"
+        if self.config.projector == "auto" and self._device.type == "cuda":
             try:
                 import fast_jl  # noqa: F401
 
@@ -344,26 +345,26 @@ class TRAK(Estimator):
                 use_cuda = False
         if use_cuda:
             if self._device.type != "cuda":
-                raise ValueError("projector='cuda' needs the model on a CUDA device.")
+                raise ConfigurationError("projector='cuda' needs the model on a CUDA device.")
             if k % 512:
-                raise ValueError(f"traker's CUDA projector needs proj_dim divisible by 512, got {k}.")
-            proj = CudaProjector(grad_dim=p, proj_dim=k, seed=self.projector_seed,
+                raise ConfigurationError(f"traker's CUDA projector needs proj_dim divisible by 512, got {k}.")
+            proj = CudaProjector(grad_dim=p, proj_dim=k, seed=self.config.projector_seed,
                                  proj_type=ProjectionType.rademacher, device=self._device_str,
                                  max_batch_size=32)
             return proj, float(k)
         # at least two blocks: a single-block matrix is freed by finalize_features and never rebuilt
         block = min(BASIC_BLOCK_SIZE, math.ceil(k / 2))
-        proj = BasicProjector(grad_dim=p, proj_dim=k, seed=self.projector_seed, proj_type=ProjectionType.normal,
+        proj = BasicProjector(grad_dim=p, proj_dim=k, seed=self.config.projector_seed, proj_type=ProjectionType.normal,
                               device=self._device_str, block_size=block, dtype=dtype)
         return proj, float(k)
 
     def _damping(self, n: int, p: int, h: float, s: float) -> tuple[float, float]:
         """``(lambda_reg, λ)`` with ``λ_reg = s n λ / (h p)``."""
-        if self.lambda_reg is not None:
-            lam_reg = float(self.lambda_reg)
+        if self.config.lambda_reg is not None:
+            lam_reg = float(self.config.lambda_reg)
             return lam_reg, lam_reg * h * p / (s * n)
-        if self.damping is not None:
-            lam = float(self.damping)
+        if self.config.damping is not None:
+            lam = float(self.config.damping)
             return s * n * lam / (h * p), lam
         grads = torch.as_tensor(np.asarray(self._traker.saver.current_store["grads"]), dtype=torch.float64)
         trace = float(grads.pow(2).sum())  # Σ‖φ_i‖², ≈ (s/p) Σ‖∇F_i‖²
@@ -373,17 +374,17 @@ class TRAK(Estimator):
     # -- scoring ----------------------------------------------------------------------------------
     def _score(self, test_dataset: Any, test_indices: Tensor) -> Tensor:
         if not self._workdir.exists():
-            raise RuntimeError(f"{self.label}: traker's features are gone; fit the estimator again.")
+            raise NotFittedError(f"{self.label}: traker's features are gone; fit the estimator again.")
         self._n_scores += 1
         exp = f"scores{self._n_scores}"
         t = test_indices.numel()
-        with library_output("trak"), _traker_progress(self.progress):
+        with library_errors(self.label, "traker"), library_output("trak"), _traker_progress(self.config.progress):
             self._out.mode = "target"
             try:
                 self._traker.start_scoring_checkpoint(exp_name=exp, checkpoint=self._model.state_dict(),
                                                       model_id=0, num_targets=t)
                 start = 0
-                for chunk, batch in iter_batches(self.task_, test_dataset, test_indices, self.batch_size,
+                for chunk, batch in iter_batches(self.task_, test_dataset, test_indices, self.config.batch_size,
                                                  self._device):
                     self._traker.score(batch=self._out.use_batch(batch),
                                        inds=np.arange(start, start + chunk.numel()))

@@ -70,13 +70,44 @@ def run_vectorised(
     ``on_step(k)``: called after every round with the number of runs that stepped (progress).
     ``test_indices``: dataset indices of ``test_batch``'s rows (named when a measurement is not finite).
     """
-    task = fn.task
     k = len(members)
-    first = next(iter(fn.params.values()))
-    device, dtype = first.device, first.dtype
+    device = next(iter(fn.params.values())).device
     params = {n: p.detach().unsqueeze(0).repeat(k, *([1] * p.dim())) for n, p in fn.params.items()}
     optimizer = StackedOptimizer(spec.config)
     state = optimizer.init(params)
+    step_grad = _gradient_fn(fn, spec, members, train_dataset, params, kernel)
+    measure = vmap(fn.measurement, in_dims=(0, None))
+
+    measured: list[Tensor] = []
+    with eval_mode(fn.model):
+        for step, rnd in enumerate(_rounds(spec, seed, members), start=1):
+            grads, loss = step_grad(rnd)
+            check_loss_finite(loss, rnd.active, seed, step, members)
+            if spec.grad_clip is not None:
+                grads = clip_grad_norm(grads, spec.grad_clip)
+            active = rnd.active.to(device) if rnd.active is not None else None
+            optimizer.step(params, grads, state, active)
+            if on_step is not None:
+                on_step(k if active is None else int(active.sum()))
+            if rnd.checkpoint:
+                with torch.no_grad():
+                    measured.append(measure(params, test_batch).T.detach())
+                check_measurements_finite(measured[-1], seed, step, members, test_indices)
+    return torch.stack(measured)
+
+
+def _gradient_fn(
+    fn: FunctionalTask,
+    spec: Schedule,
+    members: list[int | None],
+    train_dataset: Any,
+    params: dict[str, Tensor],
+    kernel: MLPKernel | None,
+) -> Callable[[_Round], tuple[dict[str, Tensor], Tensor]]:
+    """``round -> (gradients {name: [K, ...]}, losses [K])`` of every member at the current ``params``."""
+    task, k = fn.task, len(members)
+    first = next(iter(params.values()))
+    device, dtype = first.device, first.dtype
     is_loo = torch.tensor([j is not None for j in members], device=device)
     j_vec = torch.tensor([j if j is not None else 0 for j in members])
 
@@ -123,24 +154,7 @@ def run_vectorised(
             batch = _per_member(load_batch(task, train_dataset, rnd.idx.reshape(-1), device), k)
             return drop_grad(params, batch, rnd.weight.to(device=device, dtype=dtype))
 
-    measure = vmap(fn.measurement, in_dims=(0, None))
-
-    measured: list[Tensor] = []
-    with eval_mode(fn.model):
-        for step, rnd in enumerate(_rounds(spec, seed, members), start=1):
-            grads, loss = step_grad(rnd)
-            check_loss_finite(loss, rnd.active, seed, step, members)
-            if spec.grad_clip is not None:
-                grads = clip_grad_norm(grads, spec.grad_clip)
-            active = rnd.active.to(device) if rnd.active is not None else None
-            optimizer.step(params, grads, state, active)
-            if on_step is not None:
-                on_step(k if active is None else int(active.sum()))
-            if rnd.checkpoint:
-                with torch.no_grad():
-                    measured.append(measure(params, test_batch).T.detach())
-                check_measurements_finite(measured[-1], seed, step, members, test_indices)
-    return torch.stack(measured)
+    return step_grad
 
 
 def _per_member(flat: Any, k: int) -> Any:

@@ -93,6 +93,8 @@ class FurtherTrainingLoop:
             ``eval_every``, ``weight_decay``, ``momentum``, ``betas``, ``eps``, ``grad_clip``,
             ``adjustments``, ``train_mode``; see the config for their meaning).
         run_dir: directory to store finished units in and resume from; ``None``: keep in memory.
+        run_root: with ``run_dir=None``, store under ``run_root/<job fingerprint id>/`` instead: every
+            distinct job (weights, architecture, task, data, settings) gets its own run directory.
         progress: show a progress bar (optimizer steps of all runs, with ETA; units done as postfix).
         engine: ``"auto"`` (``"mlp"`` when the model is a plain MLP, else ``"vectorised"``),
             ``"mlp"``, ``"vectorised"`` or ``"sequential"`` (see the module docstring).
@@ -116,6 +118,7 @@ class FurtherTrainingLoop:
         *,
         config: FurtherTrainingConfig | None = None,
         run_dir: str | Path | None = None,
+        run_root: str | Path | None = None,
         progress: bool = True,
         engine: str = "auto",
         chunk_size: int | None = None,
@@ -140,6 +143,7 @@ class FurtherTrainingLoop:
         self.task, self.config = task, config
         self.engine, self.chunk_size, self.memory_budget = engine, chunk_size, memory_budget
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_root = Path(run_root) if run_root is not None else None
         self.progress = progress
         self.info: dict[str, Any] = {}
 
@@ -185,7 +189,14 @@ class FurtherTrainingLoop:
         check_data_finite(test_dataset, test_idx, "test")
         return task, loo_idx, test_idx
 
-    def plan(self, model, train_dataset, test_dataset, loo_indices, test_indices=None) -> TrainingPlan:
+    def plan(
+        self,
+        model: nn.Module,
+        train_dataset: Any,
+        test_dataset: Any,
+        loo_indices: Sequence[int] | Tensor,
+        test_indices: Sequence[int] | Tensor | None = None,
+    ) -> TrainingPlan:
         """Check the inputs and resolve the job (engine, chunk size, fingerprint); trains nothing."""
         task, loo_idx, test_idx = self.check(model, train_dataset, test_dataset, loo_indices, test_indices)
         return make_plan(
@@ -221,6 +232,7 @@ class FurtherTrainingLoop:
             "units_computed": len(pending),
             "units_loaded": len(loaded),
             "units_corrupt": corrupt,
+            "run_dir": str(store.root) if store is not None else None,
         }
         gold = plan.assemble(results)
         if store is not None and rank_and_world()[0] == 0:
@@ -262,10 +274,11 @@ class FurtherTrainingLoop:
     # -- the stages of run() ----------------------------------------------------------------------
     def _bind(self, plan: TrainingPlan) -> tuple[TrainingPlan, RunStore | None, Results, list[str]]:
         """Bind ``run_dir`` on rank 0 and load its verified units (corrupt ones moved aside)."""
-        if self.run_dir is None:
+        job_id = fingerprint_id(plan.fingerprint)
+        if self.run_dir is None and self.run_root is None:
             return plan, None, {}, []
         rank = rank_and_world()[0]
-        store = RunStore(self.run_dir)
+        store = RunStore(self.run_dir if self.run_dir is not None else self.run_root / job_id)
         outcome: tuple[Any, ...] = (None, plan.layout, [])
         loaded: Results = {}
         if rank == 0:
@@ -287,7 +300,7 @@ class FurtherTrainingLoop:
         error, layout, corrupt = all_gather(outcome)[0]  # also a barrier: the directory is bound
         if error:
             raise MismatchError(error)
-        store.job_id = fingerprint_id(plan.fingerprint)
+        store.job_id = job_id
         plan = plan.with_layout(layout) if rank else plan
         return plan, store, all_gather(loaded)[0], corrupt  # rank 0's verified units, on every rank
 
@@ -298,7 +311,7 @@ class FurtherTrainingLoop:
         overridden = [k for k, v in layout.items() if explicit.get(k) and plan.layout.get(k) != v]
         if overridden:
             warnings.warn(
-                f"FurtherTrainingLoop: run_dir {str(self.run_dir)!r} was started with {layout}; its units are "
+                f"FurtherTrainingLoop: the run_dir was started with {layout}; its units are "
                 f"resumed with that layout, not the requested {plan.layout}.",
                 stacklevel=4,
             )

@@ -30,11 +30,13 @@ VMAP_FACTOR = 4  # bytes of one example's gradient row times this: the row plus 
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:
-    """Bytes free now: ``torch.cuda.mem_get_info`` on CUDA, psutil's ``available`` otherwise."""
+    """Bytes free now: on CUDA the driver's free memory (``torch.cuda.mem_get_info``) plus what torch's
+    caching allocator holds reserved but unused; psutil's ``available`` otherwise."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(0, cached))
     return int(psutil.virtual_memory().available)
 
 

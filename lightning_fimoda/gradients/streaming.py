@@ -4,6 +4,8 @@ Every function makes one pass over a :class:`~lightning_fimoda.gradients.Gradien
 iterable of ``(positions [c], chunk [c, P'])``), so its peak memory is one chunk plus the resident
 operands and the result; the result equals the unchunked expression up to float summation order.
 Row ``i`` of ``G`` is ``g_i``; per-layer column ranges come from ``stream.layer_slices()``.
+Resident operands are moved to the stream's device (once, at the first chunk), and results live there:
+a CUDA stream with CPU operands gives CUDA results.
 """
 
 from __future__ import annotations
@@ -36,10 +38,18 @@ def _rows(stream: Chunks) -> int:
     return int(n)
 
 
+def _resident(operand: Tensor, chunk: Tensor) -> Tensor:
+    """``operand`` on the device of the stream's chunks (no copy when it is there already)."""
+    return operand if operand.device == chunk.device else operand.to(chunk.device)
+
+
 def streamed_products(stream: Chunks, right: Tensor) -> Tensor:
     """``G @ right``: ``[N, k]`` for ``right`` ``[P', k]`` (e.g. test gradients or solved vectors, transposed)."""
-    out = torch.empty(_rows(stream), right.shape[1], dtype=right.dtype, device=right.device)
+    n, out = _rows(stream), None
     for pos, chunk in stream:
+        right = _resident(right, chunk)
+        if out is None:
+            out = torch.empty(n, right.shape[1], dtype=right.dtype, device=chunk.device)
         out[pos.to(out.device)] = chunk @ right
     return out
 
@@ -48,6 +58,7 @@ def streamed_transposed_products(stream: Chunks, left: Tensor) -> Tensor:
     """``Gᵀ @ left``: ``[P', k]`` for ``left`` ``[N, k]`` (``left = 1/n``: the mean gradient)."""
     out = None
     for pos, chunk in stream:
+        left = _resident(left, chunk)
         part = chunk.T @ left[pos.to(left.device)]
         out = part if out is None else out.add_(part)
     return out
@@ -55,8 +66,10 @@ def streamed_transposed_products(stream: Chunks, left: Tensor) -> Tensor:
 
 def streamed_fisher_products(stream: Chunks, vectors: Tensor) -> Tensor:
     """``Σ_i (v·g_i) g_i`` for each row ``v`` of ``vectors`` ``[k, P']``: ``[k, P'] = V Gᵀ G`` (not divided by N)."""
-    out = torch.zeros_like(vectors)
+    out = None
     for _, chunk in stream:
+        vectors = _resident(vectors, chunk)
+        out = torch.zeros_like(vectors) if out is None else out
         out.addmm_(vectors @ chunk.T, chunk)
     return out
 
@@ -113,8 +126,10 @@ def streamed_layer_accumulate(stream: Chunks, left: Tensor, damping: Mapping[str
     training-side one.
     """
     slices = _layer_items(stream, damping)
-    out = torch.zeros_like(left)
+    out = None
     for _, chunk in stream:
+        left = _resident(left, chunk)
+        out = torch.zeros_like(left) if out is None else out
         for name, sl in slices.items():
             g = chunk[:, sl]
             coef = (left[:, sl] @ g.T) * _damped_weights(g, damping[name])  # [a, c]
@@ -131,8 +146,10 @@ def streamed_gram(
     :func:`streamed_layer_accumulate`.
     """
     slices = _layer_items(stream, damping)
-    out = {name: left.new_zeros(left.shape[0], right.shape[0]) for name in slices}
+    out = None
     for _, chunk in stream:
+        left, right = _resident(left, chunk), _resident(right, chunk)
+        out = {name: left.new_zeros(left.shape[0], right.shape[0]) for name in slices} if out is None else out
         for name, sl in slices.items():
             g = chunk[:, sl]
             coef = (left[:, sl] @ g.T) * _damped_weights(g, damping[name])  # [a, c]
