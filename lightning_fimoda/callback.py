@@ -103,8 +103,8 @@ class FiMODACallback(Callback):
             gets the gold loop as ``gold=`` (``{name: horizon, gold: true}`` copies its SGD settings).
         gold: ``None`` (no gold standard), a ``FurtherTrainingLoop``, or a dict of its keyword arguments
             without ``task`` (the YAML form; the task is the one resolved for the module). Without a
-            ``run_dir`` of its own it gets ``<output_dir>/gold/<key>`` (key: a hash of the weights,
-            settings and indices), so finished units survive a failure and a rerun resumes them.
+            ``run_dir`` of its own it stores under ``<output_dir>/gold/<job fingerprint id>`` (the loop's
+            ``run_root``), so finished units survive a failure and a rerun resumes them.
         train_indices: training instances to score (and leave out in the gold standard).
         num_train: instead of ``train_indices``: a random choice of this many (seeded by ``seed``).
         test_indices: test instances to attribute.

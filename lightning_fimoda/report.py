@@ -320,9 +320,15 @@ class AttributionReport:
         if not meta_path.is_file():
             raise FileNotFoundError(f"No attribution report in {directory} (missing {META_FILE}).")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(f"{meta_path}: unsupported report format {meta.get('format_version')!r}.")
         tensors = load_file(str(directory / SCORES_FILE))
+        if meta["format_version"] == 1:  # per-label dicts, every estimator succeeded
+            meta["runs"] = [
+                {"label": label, "seconds": meta["seconds"][label], "peak_memory": meta["peak_memory"].get(label),
+                 "settings": meta["settings"].get(label, {}), "error": None, "checkpoint_indexed": False}
+                for label in meta["labels"]
+            ]
         runs = [
             EstimatorRun(r["label"], tensors.get(f"scores/{r['label']}") if r["error"] is None else None,
                          **{k: r[k] for k in _RUN_FIELDS})

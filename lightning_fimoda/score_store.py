@@ -7,7 +7,8 @@ run's time, settings, peak memory and its **fingerprint**. The fingerprint is th
 - the estimator's class and its settings as constructed (``settings()`` without the values chosen
   while fitting, i.e. without the keys of ``est.info``),
 - the task's ``repr``,
-- the model's weights and buffers (every ``state_dict`` tensor: name, dtype, shape and bytes),
+- the model: its class, which parameters are trainable, and its weights and buffers (every
+  ``state_dict`` tensor: name, dtype, shape and bytes),
 - the training and test indices scored and the two dataset sizes.
 
 A saved file is reused only when its fingerprint equals the one computed now; anything else (a
@@ -39,8 +40,11 @@ __all__ = ["ScoreStore", "fingerprint", "model_digest"]
 
 
 def model_digest(model: nn.Module) -> str:
-    """SHA-256 of every ``state_dict`` tensor (name, dtype, shape, bytes)."""
-    h = hashlib.sha256()
+    """SHA-256 of the model's class, which parameters are trainable, and every ``state_dict`` tensor
+    (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}|{p.requires_grad}|".encode())
     for name, tensor in model.state_dict().items():
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

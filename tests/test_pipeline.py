@@ -112,6 +112,9 @@ def test_rerun_reuses_saved_scores_and_gold_units(tmp_path):
         model.net[0].bias.add_(0.1)
     callback(tmp_path, ["test_counting"]).attribute(None, model, datamodule=dm)
     assert estimator_stubs.Counting.fits == 3  # other weights: recomputed
+    model.net[0].bias.requires_grad_(False)
+    frozen = callback(tmp_path, ["test_counting"]).attribute(None, model, datamodule=dm)
+    assert estimator_stubs.Counting.fits == 4 and not frozen.runs[0].reused  # other trainable parameters
 
 
 # -- 12.6: output folders ------------------------------------------------------------------------------

@@ -226,8 +226,8 @@ def test_checkpoint_indexed_scores_in_the_report_match_the_gold_standard_per_che
     train_idx, test_idx = torch.arange(10), torch.arange(4)
     exact = torch.zeros(3, 4, 10, dtype=torch.float64)
     exact[:, gold.test_indices[:, None], gold.loo_indices] = gold.scores("full")  # gold-like, per checkpoint
-    report = AttributionReport.from_scores({"copy": exact, "flat": exact[0]}, train_idx, test_idx, gold,
-                                           checkpoint_indexed=("copy",))
+    scores = {"copy": exact, "flat": exact[0], "transposed": rand(10, 4, seed=9).T}  # shared / strided memory
+    report = AttributionReport.from_scores(scores, train_idx, test_idx, gold, checkpoint_indexed=("copy",))
     assert torch.allclose(report.agreement("copy", "full").mean, torch.ones(3, dtype=torch.float64), atol=1e-12)
     assert not torch.allclose(report.agreement("flat", "full").mean, torch.ones(3, dtype=torch.float64))
     assert report.horizon_matched == ["copy"] and "horizon-matched" in report.to_markdown()
@@ -238,3 +238,15 @@ def test_checkpoint_indexed_scores_in_the_report_match_the_gold_standard_per_che
     assert AttributionReport.load(tmp_path).equals(report)
     with pytest.raises(ValueError, match=r"expected \(3, 4, 10\) \(checkpoints, tests, training\)"):
         AttributionReport.from_scores({"copy": exact[:2]}, train_idx, test_idx, gold, checkpoint_indexed=("copy",))
+
+
+def test_reports_saved_in_format_1_still_load(tmp_path):
+    report = make_report(make_gold())
+    report.save(tmp_path)
+    meta = json.loads((tmp_path / "report.json").read_text())
+    runs = meta.pop("runs")
+    meta.update(format_version=1, seconds={r["label"]: r["seconds"] for r in runs},
+                peak_memory={r["label"]: r["peak_memory"] for r in runs},
+                settings={r["label"]: r["settings"] for r in runs})
+    (tmp_path / "report.json").write_text(json.dumps(meta))
+    assert AttributionReport.load(tmp_path).equals(report)
