@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._data import dataset_length, model_device_dtype, resolve_indices
+from ._data import model_device_dtype, resolve_indices
 from ._progress import StageLog, show_bars
 from .estimators.base import Estimator
 from .exceptions import ConfigurationError
@@ -27,7 +27,7 @@ from .functional import eval_mode
 from .gradients import DEFAULT_MEMORY_BUDGET, GradientCache
 from .profiling import PeakMemory
 from .registry import build_estimator
-from .score_store import ScoreStore, fingerprint, model_digest
+from .score_store import ScoreStore, experiment_digest, fingerprint
 from .task import AttributionTask
 
 __all__ = ["EstimatorRun", "EstimatorSpec", "build_estimators", "check_estimators", "run_estimators"]
@@ -160,13 +160,14 @@ def run_estimators(
         return GradientCache(memory_budget=memory_budget, progress=bars)
 
     shared = (cache if cache is not None else new_cache()) if share_gradients else None
-    weights = model_digest(model) if store is not None else ""
-    sizes = (dataset_length(train_dataset, "training"), dataset_length(test_dataset, "test"))
+    experiment = None
+    if store is not None:
+        experiment = experiment_digest(model, task, train_dataset, test_dataset, train_idx, test_idx)
     stages = StageLog(len(built), progress, what="estimator")
     runs = []
     with eval_mode(model):
         for est in built:
-            key = fingerprint(est, weights, task, train_idx, test_idx, sizes) if store is not None else ""
+            key = fingerprint(est, experiment) if experiment is not None else ""
             run = store.load(est.label, key) if store is not None else None
             if run is None:
                 run = _attempt(est, keep_going, model, task, train_dataset, test_dataset, train_idx, test_idx,

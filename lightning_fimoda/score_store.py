@@ -6,10 +6,12 @@ run's time, settings, peak memory and its **fingerprint**. The fingerprint is th
 
 - the estimator's class and its settings as constructed (``settings()`` without the values chosen
   while fitting, i.e. without the keys of ``est.info``),
-- the task's ``repr``,
-- the model: its class, which parameters are trainable, and its weights and buffers (every
-  ``state_dict`` tensor: name, dtype, shape and bytes),
-- the training and test indices scored and the two dataset sizes.
+- the task (its classes' source and attributes, or its own ``fingerprint()``),
+- the model: its architecture (module tree, custom classes' source, which parameters are trainable)
+  and its weights and buffers,
+- the contents of every training item (the curvature and DataInf use all of them) and of the scored
+  test items, the scored training indices, and the torch version
+(the hashes of :mod:`lightning_fimoda.fingerprint`, shared with the gold standard's run directories).
 
 A saved file is reused only when its fingerprint equals the one computed now; anything else (a
 changed damping, retrained weights, other indices) recomputes and overwrites it.
@@ -31,42 +33,35 @@ from torch import Tensor, nn
 
 from ._files import atomic_write
 from ._jsonable import jsonable
+from .fingerprint import dataset_digest, model_architecture, model_digest, task_digest
 
 if TYPE_CHECKING:
     from .estimators.base import Estimator
     from .pipeline import EstimatorRun
 
-__all__ = ["ScoreStore", "fingerprint", "model_digest"]
+__all__ = ["ScoreStore", "experiment_digest", "fingerprint"]
 
 
-def model_digest(model: nn.Module) -> str:
-    """SHA-256 of the model's class, which parameters are trainable, and every ``state_dict`` tensor
-    (name, dtype, shape, bytes)."""
-    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}|{p.requires_grad}|".encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def experiment_digest(model: nn.Module, task: Any, train_dataset: Any, test_dataset: Any, train_idx: Tensor,
+                      test_idx: Tensor) -> dict[str, Any]:
+    """What every estimator of one attribution shares in its fingerprint (hashed once)."""
+    return {
+        "task": task_digest(task),
+        "model_architecture": model_architecture(model),
+        "model_digest": model_digest(model),
+        "train_digest": dataset_digest(train_dataset),
+        "test_digest": dataset_digest(test_dataset, test_idx),
+        "train_indices": train_idx.tolist(),
+        "versions": torch.__version__.split("+")[0],
+    }
 
 
-def fingerprint(
-    est: Estimator, weights: str, task: Any, train_idx: Tensor, test_idx: Tensor, sizes: tuple[int, int]
-) -> str:
-    """The fingerprint of one estimator's scores (see the module doc); ``weights`` is :func:`model_digest`."""
+def fingerprint(est: Estimator, experiment: dict[str, Any]) -> str:
+    """The fingerprint of one estimator's scores (see the module doc); ``experiment`` is
+    :func:`experiment_digest`."""
     info = getattr(est, "info", {}) or {}
     settings = {k: v for k, v in est.settings().items() if k not in info}
-    payload = {
-        "class": f"{type(est).__module__}.{type(est).__qualname__}",
-        "settings": settings,
-        "task": repr(task),
-        "weights": weights,
-        "train_indices": train_idx.tolist(),
-        "test_indices": test_idx.tolist(),
-        "dataset_sizes": list(sizes),
-    }
+    payload = {"class": f"{type(est).__module__}.{type(est).__qualname__}", "settings": settings, **experiment}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()
 
 

@@ -117,6 +117,18 @@ def test_rerun_reuses_saved_scores_and_gold_units(tmp_path):
     assert estimator_stubs.Counting.fits == 4 and not frozen.runs[0].reused  # other trainable parameters
 
 
+def test_rerun_recomputes_when_the_data_changes_with_the_same_sizes(tmp_path):
+    """Saved scores are keyed on the data's contents, not only its size (a relabelled training set)."""
+    model, dm = TinyRegressor(), TinyDataModule()
+    dm.setup()
+    estimator_stubs.Counting.fits = 0
+    callback(tmp_path, ["test_counting"]).attribute(None, model, datamodule=dm)
+    x, y = dm.train_dataset.tensors
+    dm.train_dataset = torch.utils.data.TensorDataset(x, y + 1.0)  # same length, other labels
+    again = callback(tmp_path, ["test_counting"]).attribute(None, model, datamodule=dm)
+    assert estimator_stubs.Counting.fits == 2 and not again.runs[0].reused
+
+
 # -- 12.6: output folders ------------------------------------------------------------------------------
 def test_second_run_replaces_the_first_reports_files_with_normal_permissions(tmp_path, capsys):
     old_umask = os.umask(0o022)
