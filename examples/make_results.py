@@ -31,7 +31,6 @@ import torch
 import yaml
 
 from lightning_fimoda import AttributionReport
-from lightning_fimoda.attribute import build_estimators
 from lightning_fimoda.cli import FiMODACLI, fimoda_callback
 from lightning_fimoda.plotting import agreement_figure, seed_averaging_figure
 from lightning_fimoda.report import library_versions
@@ -106,9 +105,6 @@ def run_experiment(config: dict[str, Any], run_dir: Path) -> dict[str, float]:
     finally:
         sys.argv = argv
     callback = fimoda_callback(cli)
-    # jsonargparse turns the string "true" of {name: lissa, hessian: "true"} into a boolean while parsing
-    # the callback's estimator list; build the estimators from the YAML as written.
-    callback.estimators = build_estimators(config["fimoda"]["estimators"])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     total = time.perf_counter() - start
     report = callback.report
@@ -410,6 +406,9 @@ def write_markdown(
         ]
         md += table(["estimator", "peak cosine", "at", "final cosine", "peak Spearman", "at", "time (s)"],
                     agreement_rows(report, ADJUST))
+        if report.failed:
+            md += ["", "Estimators that refused or failed (their error, as in `report.md`):", ""]
+            md += [f"- {label}: {error.splitlines()[0]}" for label, error in report.failed.items()]
         if "full" in gold.adjustments:
             md += ["", "With the `full` adjustment (eq. 17, subtracting the full-data run):", ""]
             md += table(["estimator", "peak cosine", "at", "final cosine", "peak Spearman", "at", "time (s)"],
