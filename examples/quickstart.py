@@ -34,7 +34,7 @@ ESTIMATORS = [
     {"name": "explicit", "params": ["net.4"], "label": "explicit_last_layer"},
     "cg",
     {"name": "lissa", "depth": 200, "repeat": 2, "batch_size": 64},
-    {"name": "lissa", "hessian": "true", "depth": 200, "repeat": 2, "batch_size": 64, "label": "lissa_h"},
+    {"name": "lissa", "hessian": "exact", "depth": 200, "repeat": 2, "batch_size": 64, "label": "lissa_h"},
     {"name": "arnoldi", "rank": 50},
     "ekfac",
     "kfac",

@@ -122,7 +122,8 @@ class FiMODACallback(Callback):
         share_gradients: share one per-sample-gradient cache between estimators (faster; the first
             estimator's time and memory then include the gradients of all). Default ``True``, as in
             :func:`~lightning_fimoda.attribute`.
-        memory_budget: bytes for one chunk of per-sample gradients.
+        memory_budget: bytes of per-sample gradients held at once (``None``: 25% of the available
+            memory, resolved when the estimators run and recorded in the report).
         progress: ``None`` (default, as everywhere): progress bars in an interactive terminal, one line
             per stage with an ETA otherwise; ``True`` / ``False``: bars always / never.
     """
@@ -146,7 +147,7 @@ class FiMODACallback(Callback):
         mislabeled: Sequence[int] | None = None,
         seed_ks: Sequence[int] | None = None,
         share_gradients: bool = True,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
         progress: bool | None = None,
     ) -> None:
         super().__init__()

@@ -129,7 +129,7 @@ def run_estimators(
     train_indices: Sequence[int] | Tensor | None = None,
     test_indices: Sequence[int] | Tensor | None = None,
     *,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     progress: bool | None = None,
     cache: GradientCache | None = None,
     share_gradients: bool = True,
