@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_fimoda import FurtherTrainingLoop, SupervisedTask, build_estimator
-from lightning_fimoda.metrics import agreement
+from lightning_fimoda.evaluation.metrics import agreement
 
 ROWS = {
     "horizon (krylov, k <= 64, tol 1e-6)": ("horizon", {"lr": 3e-2, "epochs": 20, "batch_size": 128, "exact": False}),

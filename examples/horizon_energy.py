@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from lightning_fimoda import FurtherTrainingLoop, build_estimator
-from lightning_fimoda.metrics import agreement
+from lightning_fimoda.evaluation.metrics import agreement
 from lightning_fimoda.zoo.data import EnergyDataModule
 from lightning_fimoda.zoo.models import MLP
 

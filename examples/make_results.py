@@ -5,7 +5,7 @@ paper's MLP with a Lightning ``Trainer``; at the end of ``fit``, ``FiMODACallbac
 and the leave-one-out further-training gold standard), with the data folder and the output folders
 redirected. Then it writes ``docs/results.md`` from the saved :class:`~lightning_fimoda.AttributionReport`
 objects (agreement tables with standard errors, noise ceilings, seed averaging, timings, and a comparison
-with the paper's findings) and the PNG figures under ``docs/figures/`` (:mod:`lightning_fimoda.plotting`).
+with the paper's findings) and the PNG figures under ``docs/figures/`` (:mod:`lightning_fimoda.evaluation.plotting`).
 The markdown is regenerated entirely by this script: do not edit it by hand.
 
     .venv/bin/python examples/make_results.py --data-dir ../shared/data    # about 25 minutes on 2 cores
@@ -32,8 +32,8 @@ import yaml
 
 from lightning_fimoda import AttributionReport
 from lightning_fimoda.cli import FiMODACLI, fimoda_callback
-from lightning_fimoda.plotting import agreement_figure, seed_averaging_figure
-from lightning_fimoda.report import library_versions
+from lightning_fimoda.evaluation.plotting import agreement_figure, seed_averaging_figure
+from lightning_fimoda.evaluation.report import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -175,7 +175,7 @@ def agreement_rows(report: AttributionReport, adjust: str) -> list[list[str]]:
 
 
 def save_figures(name: str, report: AttributionReport, figures_dir: Path) -> dict[str, str]:
-    """PNG figures of one dataset (from :mod:`lightning_fimoda.plotting`), by kind -> file name."""
+    """PNG figures of one dataset (from :mod:`lightning_fimoda.evaluation.plotting`), by kind -> file name."""
     figures_dir.mkdir(parents=True, exist_ok=True)
     made = {
         "cosine": agreement_figure(report, ADJUST, "cosine"),

@@ -7,12 +7,12 @@ positive = the training example helps (leaving it out would raise the test loss)
 from .attribute import attribute
 from .callback import FiMODACallback
 from .estimators.base import Estimator
+from .evaluation.report import AttributionReport
 from .functional import FunctionalTask
 from .further_training import CostEstimate, FurtherTrainingLoop
 from .gold_standard import GoldStandard
 from .gradients import GradientCache, PerSampleGradients, per_sample_gradients
 from .registry import available_estimators, build_estimator, register_estimator
-from .report import AttributionReport
 from .task import AttributionTask, SupervisedTask
 
 __version__ = "0.1.0"

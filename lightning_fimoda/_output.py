@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .evaluation.report import REPORT_FILES
 from .exceptions import ConfigurationError
-from .report import REPORT_FILES
 
 __all__ = ["check_writable", "clear_previous_report"]
 

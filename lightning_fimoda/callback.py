@@ -66,14 +66,14 @@ from ._lightning import find_datasets, preserved_state
 from ._output import check_writable, clear_previous_report
 from ._progress import StageLog, show_bars
 from ._quiet import quiet_attribution
-from ._tb import log_report
 from .estimators.base import Estimator
+from .evaluation.report import AttributionReport, library_versions
+from .evaluation.tensorboard import log_report
 from .exceptions import ConfigurationError
 from .gold_standard import GoldStandard
 from .gradients import DEFAULT_MEMORY_BUDGET
 from .pipeline import EstimatorRun, build_estimators, check_estimators, run_estimators
 from .profiling import memory_kind
-from .report import AttributionReport, library_versions
 from .score_store import ScoreStore
 from .task import AttributionTask, resolve_task
 
@@ -354,7 +354,7 @@ class FiMODACallback(Callback):
         return Path(base) / "fimoda"
 
     def _publish(self, report: AttributionReport, trainer: Trainer | None, directory: Path) -> None:
-        from .plotting import render_figures, save_figures
+        from .evaluation.plotting import render_figures, save_figures
 
         clear_previous_report(directory)
         report.save(directory)

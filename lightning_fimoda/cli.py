@@ -69,8 +69,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ._quiet import quiet_attribution
 from .callback import FiMODACallback
+from .evaluation.report import AttributionReport
 from .further_training.verify import add_verify_command, run_verify
-from .report import AttributionReport
 
 __all__ = ["FiMODACLI", "callback_from_config", "main"]
 
@@ -212,7 +212,7 @@ def attribute(checkpoint: str, config: str, overrides: Sequence[str] = ()) -> At
 
 def rerender(run_dir: str | Path) -> AttributionReport:
     """``fimoda report``: load the report in ``run_dir``; rewrite ``report.md`` and the PNG figures."""
-    from .plotting import render_figures, save_figures
+    from .evaluation.plotting import render_figures, save_figures
 
     report = AttributionReport.load(run_dir)
     report.write_markdown(run_dir)

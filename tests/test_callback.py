@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 
 from lightning_fimoda import attribute
 from lightning_fimoda.callback import FiMODACallback
+from lightning_fimoda.evaluation.metrics import rowwise_agreement
+from lightning_fimoda.evaluation.report import AttributionReport
 from lightning_fimoda.further_training import FurtherTrainingLoop
-from lightning_fimoda.metrics import rowwise_agreement
-from lightning_fimoda.report import AttributionReport
 
 from .lightning_helpers import TinyDataModule, TinyRegressor, quiet_trainer, regression_data
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from lightning_fimoda import attribute
+from lightning_fimoda.evaluation.report import AttributionReport
 from lightning_fimoda.further_training import FurtherTrainingLoop
-from lightning_fimoda.report import AttributionReport
 
 from .lightning_helpers import TinyDataModule, TinyRegressor
 

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_fimoda.callback import FiMODACallback
 from lightning_fimoda.cli import main
-from lightning_fimoda.report import AttributionReport
+from lightning_fimoda.evaluation.report import AttributionReport
 from lightning_fimoda.task import SupervisedTask
 
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from lightning_fimoda.cli import callback_from_config, fimoda_callback, main, merge_gold_overrides
-from lightning_fimoda.report import AttributionReport
+from lightning_fimoda.evaluation.report import AttributionReport
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_fimoda.metrics import (
+from lightning_fimoda.evaluation.metrics import (
     AgreementCurve,
     AttributionAgreement,
     MislabelDetectionAUROC,

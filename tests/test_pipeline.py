@@ -14,8 +14,8 @@ import torch
 from lightning_fimoda import attribute
 from lightning_fimoda.attribute import run_estimators
 from lightning_fimoda.callback import FiMODACallback
+from lightning_fimoda.evaluation.report import AttributionReport
 from lightning_fimoda.exceptions import ConfigurationError
-from lightning_fimoda.report import AttributionReport
 
 from . import estimator_stubs
 from .lightning_helpers import TinyDataModule, TinyRegressor, quiet_trainer, regression_data
@@ -190,7 +190,7 @@ def test_checkpoint_indexed_estimator_is_compared_checkpoint_by_checkpoint(tmp_p
     assert torch.allclose(curve.mean, torch.ones(2, dtype=torch.float64), atol=1e-12)
     assert not torch.allclose(report.agreement("grad_dot", "mean").mean, torch.ones(2, dtype=torch.float64))
     # the same scores compared with every checkpoint (the non-indexed way) would not agree perfectly
-    from lightning_fimoda.metrics import agreement
+    from lightning_fimoda.evaluation.metrics import agreement
 
     flat = agreement(report.scores["copy"][0], report.gold.scores("mean"))
     assert float(flat.mean[1]) < 1 - 1e-6

@@ -11,10 +11,10 @@ import torch
 from lightning_fimoda import GoldStandard, GradientCache, SupervisedTask, attribute
 from lightning_fimoda.attribute import run_estimators
 from lightning_fimoda.cli import main as fimoda_main
-from lightning_fimoda.metrics import agreement, noise_ceiling, seed_averaging, top_k_examples
-from lightning_fimoda.plotting import render_figures, save_figures
+from lightning_fimoda.evaluation.metrics import agreement, noise_ceiling, seed_averaging, top_k_examples
+from lightning_fimoda.evaluation.plotting import render_figures, save_figures
+from lightning_fimoda.evaluation.report import AttributionReport, jsonable
 from lightning_fimoda.profiling import PeakMemory
-from lightning_fimoda.report import AttributionReport, jsonable
 
 from .conftest import make_mlp, make_regression
 
@@ -207,7 +207,7 @@ def test_peak_memory_is_not_hidden_by_garbage_collected_during_the_block():
 def test_agreement_figure_has_integer_ticks_and_distinct_non_grey_styles():
     from matplotlib.colors import to_rgb
 
-    from lightning_fimoda.plotting import _style, agreement_figure
+    from lightning_fimoda.evaluation.plotting import _style, agreement_figure
 
     styles = [_style(i) for i in range(12)]
     assert len({(to_rgb(s["color"]), s["linestyle"], s["marker"]) for s in styles}) == 12

@@ -9,7 +9,7 @@ steps to increase, so they get the headline only). A ``TensorBoardLogger`` gets,
 - scalars ``fimoda/agreement/<adjust>/<method>/<label>`` at step = checkpoint (and the noise ceiling;
   a checkpoint-indexed estimator's curve compares checkpoint ``c`` with the gold standard at ``c``);
 - histograms ``fimoda/scores/<label>`` of all scores;
-- images ``fimoda/figures/<name>`` (the figures of :mod:`~lightning_fimoda.plotting`);
+- images ``fimoda/figures/<name>`` (the figures of :mod:`~lightning_fimoda.evaluation.plotting`);
 - texts ``fimoda/summary`` (the summary table) and ``fimoda/top_examples/<label>``.
 
 A logger that fails is skipped with a warning: attribution results are never lost to logging.

@@ -5,10 +5,10 @@ A report holds one :class:`~lightning_fimoda.pipeline.EstimatorRun` per estimato
 checkpoint-indexed estimator; cost; settings; an ``error`` when it failed) and optionally the
 further-training :class:`~lightning_fimoda.GoldStandard`. The evaluation against the gold standard
 (SPEC §4: agreement curves per checkpoint, peaks, seed averaging, noise ceiling, mislabel AUC) is
-derived on demand with :mod:`lightning_fimoda.metrics`, so a loaded report evaluates to exactly the same
+derived on demand with :mod:`lightning_fimoda.evaluation.metrics`, so a loaded report evaluates to exactly the same
 numbers. A checkpoint-indexed ("horizon-matched") estimator is compared at checkpoint ``c`` with the
 gold standard at ``c``; its top-k, mislabel AUC and sorted scores use its last checkpoint.
-Rendering (markdown, console table, TensorBoard text) lives in :mod:`lightning_fimoda.rendering`.
+Rendering (markdown, console table, TensorBoard text) lives in :mod:`lightning_fimoda.evaluation.rendering`.
 
 On disk (``save(dir)``): ``scores.safetensors`` (scores and indices), ``gold_standard.safetensors``
 (when there is one), ``report.json`` (every other field) and ``report.md``.
@@ -26,10 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ._files import atomic_write, file_mode
-from ._jsonable import jsonable, library_versions
-from .exceptions import ConfigurationError
-from .gold_standard import GoldStandard
+from .._files import atomic_write, file_mode
+from .._jsonable import jsonable, library_versions
+from ..exceptions import ConfigurationError
+from ..gold_standard import GoldStandard
+from ..pipeline import EstimatorRun
 from .metrics import (
     METHODS,
     Agreement,
@@ -40,7 +41,6 @@ from .metrics import (
     seed_averaging,
     top_k_examples,
 )
-from .pipeline import EstimatorRun
 
 __all__ = ["AttributionReport", "jsonable", "library_versions"]
 
@@ -247,7 +247,7 @@ class AttributionReport:
             rows.append(row)
         return rows
 
-    # -- text (see lightning_fimoda.rendering) ------------------------------------------------------
+    # -- text (see lightning_fimoda.evaluation.rendering) ------------------------------------------------------
     def summary(self, adjust: str = "mean") -> str:
         """A fixed-width table of agreement and cost per estimator (printed at the end of a run)."""
         from .rendering import console_table
