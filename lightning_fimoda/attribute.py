@@ -14,16 +14,9 @@ from .task import AttributionTask
 __all__ = ["EstimatorRun", "attribute", "build_estimators", "run_estimators"]
 
 
-def attribute(
-    model: nn.Module,
-    task: AttributionTask,
-    train_dataset: Any,
-    test_dataset: Any,
-    estimators: EstimatorSpec | Sequence[EstimatorSpec],
-    train_indices: Sequence[int] | Tensor | None = None,
-    test_indices: Sequence[int] | Tensor | None = None,
-    **kwargs: Any,
-) -> dict[str, Tensor]:
+def attribute(model: nn.Module, task: AttributionTask, train_dataset: Any, test_dataset: Any,
+              estimators: EstimatorSpec | Sequence[EstimatorSpec], train_indices: Sequence[int] | Tensor | None = None,
+              test_indices: Sequence[int] | Tensor | None = None, **kwargs: Any) -> dict[str, Tensor]:
     """Attribution scores of the final ``model`` per estimator label.
 
     Returns ``{label: Tensor[n_test, n_train_scored]}`` (``[n_checkpoints, n_test, n_train_scored]`` for

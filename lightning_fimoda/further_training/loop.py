@@ -193,14 +193,8 @@ class FurtherTrainingLoop:
         check_data_finite(test_dataset, test_idx, "test")
         return task, loo_idx, test_idx
 
-    def plan(
-        self,
-        model: nn.Module,
-        train_dataset: Any,
-        test_dataset: Any,
-        loo_indices: Sequence[int] | Tensor,
-        test_indices: Sequence[int] | Tensor | None = None,
-    ) -> TrainingPlan:
+    def plan(self, model: nn.Module, train_dataset: Any, test_dataset: Any, loo_indices: Sequence[int] | Tensor,
+                test_indices: Sequence[int] | Tensor | None = None) -> TrainingPlan:
         """Check the inputs and resolve the job (engine, chunk size, fingerprint); trains nothing."""
         task, loo_idx, test_idx = self.check(model, train_dataset, test_dataset, loo_indices, test_indices)
         return make_plan(
@@ -208,14 +202,8 @@ class FurtherTrainingLoop:
             self.engine, self.chunk_size, self.memory_budget,
         )
 
-    def run(
-        self,
-        model: nn.Module,
-        train_dataset: Any,
-        test_dataset: Any,
-        loo_indices: Sequence[int] | Tensor,
-        test_indices: Sequence[int] | Tensor | None = None,
-    ) -> GoldStandard:
+    def run(self, model: nn.Module, train_dataset: Any, test_dataset: Any, loo_indices: Sequence[int] | Tensor,
+               test_indices: Sequence[int] | Tensor | None = None) -> GoldStandard:
         """Train every run and return the measurements as a :class:`GoldStandard`.
 
         ``loo_indices``: the set ``J`` (training indices, ``[m]``); ``test_indices``: test instances to
