@@ -132,3 +132,16 @@ def test_datainf_scoring_a_subset_streams_the_whole_training_set():
     assert a.info["train_gradients"] == "resident"
     b = build_estimator("datainf").fit(model, task, train).score(test)[:, [1, 4]]
     torch.testing.assert_close(a.score(test), b, rtol=1e-9, atol=1e-12)
+
+
+def test_fewer_scored_than_test_examples_solve_the_test_side_when_training_gradients_do_not_fit():
+    model, task = _mlp(4, 8), SupervisedTask("mse")
+    train, test = make_regression(10), make_regression(8, seed=2)
+    idx = torch.tensor([0, 5, 2, 7, 9])  # [5, P] does not fit TINY's resident half, one chunk does
+    want = build_estimator("cg", damping=0.1, tol=1e-10).fit(model, task, train, idx)
+    est = build_estimator("cg", damping=0.1, tol=1e-10).fit(model, task, train, idx, cache=GradientCache(TINY))
+    assert want.info["train_gradients"] == "resident" and est.info["train_gradients"] == "recomputed"
+    expected = want.score(test)
+    assert want.info["solved_for"] == "train"
+    torch.testing.assert_close(est.score(test), expected, rtol=1e-6, atol=1e-9 * expected.abs().max().item())
+    assert est.info["solved_for"] == "test"
