@@ -211,14 +211,15 @@ class Estimator(ABC):
         ).collect()
 
     def train_gradients(self) -> PerSampleGradients:
-        """Cached per-sample training-loss gradients ``g_j`` ``[n_train, P]``."""
+        """Cached per-sample training-loss gradients ``g_j`` ``[n_train, P]`` (unprojected), all in memory;
+        :class:`ConfigurationError` when they do not fit the cache's budget (use :meth:`train_stream`)."""
         return self.cache_.get(
             self.model_, self.task_, self.train_dataset_, self.train_indices_,
             kind="loss", params=self.params, what="training",
         )
 
     def test_gradients(self, test_dataset: Any, test_indices: Tensor) -> PerSampleGradients:
-        """Cached per-sample measurement gradients ``g_x`` ``[n_test, P]``."""
+        """Cached per-sample measurement gradients ``g_x`` ``[n_test, P]`` (unprojected; must fit the budget)."""
         return self.cache_.get(
             self.model_, self.task_, test_dataset, test_indices,
             kind="measurement", params=self.params, what="test",
