@@ -72,6 +72,7 @@ def test_info_records_storage_and_parameter_count(name):
         est.score(test)
         assert est.info["num_params"] == 8 * 8 + 8 + 8 + 1
         assert est.info["train_gradients"] == storage
+        assert est.score(test).is_contiguous()  # reports save them with safetensors
 
 
 def test_generalized_influence_streams_the_shifted_gradients():

@@ -155,7 +155,7 @@ class Estimator(ABC):
                 f"{self.label}: non-finite attribution scores; check that the training data, the test data and "
                 "the model weights are finite (torch.isfinite), or use more damping."
             )
-        return scores.detach().cpu()
+        return scores.detach().cpu().contiguous()  # streamed products come transposed
 
     def settings(self) -> dict[str, Any]:
         """The config (``config.to_dict()``) plus the values chosen while fitting (:attr:`info`).
