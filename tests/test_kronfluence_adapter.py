@@ -195,6 +195,19 @@ def test_untracked_parameters_are_reported_and_the_rest_scored(regression_setup)
     assert est.info["tracked_modules"] == ["0", "3"]
 
 
+def test_params_globs_select_layers_and_the_parameter_count_is_reported(regression_setup):
+    model, train, test = regression_setup  # Linear(3, 5), Tanh, Linear(5, 1)
+    est = KronfluenceIdentity(params=["2.*"]).fit(model, MSE, train)
+    assert est.info["tracked_modules"] == ["2"] and est.info["num_params"] == 5 + 1
+    ref = build_estimator("grad_dot", params=["2.*"]).fit(model, MSE, train)
+    assert ref.info["num_params"] == 6
+    torch.testing.assert_close(est.score(test) * len(train), ref.score(test), rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = KronfluenceIdentity().fit(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).double(), MSE, train)
+    assert other.info["num_params"] == 3 * 4 + 4  # the LayerNorm's parameters are not attributed over
+
+
 def test_nothing_tracked_or_a_split_layer_is_an_error(regression_setup):
     _, train, _ = regression_setup
     with pytest.raises(ValueError, match="supports only layers"):

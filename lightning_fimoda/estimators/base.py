@@ -27,7 +27,8 @@ from .._data import resolve_indices
 from .._settings import json_safe
 from ..exceptions import ConfigurationError, NonFiniteError, NotFittedError, PrecisionError
 from ..functional import select_parameters
-from ..gradients import GradientCache, PerSampleGradients
+from ..gradients import GradientCache, GradientStream, PerSampleGradients
+from ..projection import Projector
 from ..task import AttributionTask
 from .config import EstimatorConfig, SettingsConfig, split_kwargs
 
@@ -130,7 +131,9 @@ class Estimator(ABC):
         self.train_dataset_ = train_dataset
         self.train_indices_ = resolve_indices(train_dataset, train_indices, "training")
         self.cache_ = cache if cache is not None else GradientCache()
-        self.info = {}
+        params = dict(model.named_parameters())
+        self.info = {"num_params": sum(params[n].numel() for n in select_parameters(model, self.params))}
+        self.projector_ = self._projector()
         self._fit()
         self._fitted = True
         return self
@@ -152,7 +155,7 @@ class Estimator(ABC):
                 f"{self.label}: non-finite attribution scores; check that the training data, the test data and "
                 "the model weights are finite (torch.isfinite), or use more damping."
             )
-        return scores.detach().cpu()
+        return scores.detach().cpu().contiguous()  # streamed products come transposed
 
     def settings(self) -> dict[str, Any]:
         """The config (``config.to_dict()``) plus the values chosen while fitting (:attr:`info`).
@@ -179,15 +182,44 @@ class Estimator(ABC):
         return f"{type(self).__name__}({', '.join(shown)})"
 
     # -- helpers for subclasses -----------------------------------------------------------------
+    def _projector(self) -> Projector | None:
+        """The one :class:`Projector` for training and test gradients (``None``: exact gradients)."""
+        dim = getattr(self.config, "projection_dim", None)
+        if dim is None:
+            return None
+        return Projector(dim, self.config.projection, self.config.projection_seed)
+
+    def train_stream(
+        self, indices: Tensor | None = None, *, at: Any = None, what: str = "training"
+    ) -> GradientStream:
+        """Training-loss gradients of ``train_indices`` (or ``indices``) ``[n, P']``, resident or recomputed
+        per pass as the cache's budget allows (``P'``: the projected dimension when projecting; ``at``:
+        parameters to take them at). ``info["train_gradients"]`` records which storage it got."""
+        stream = self.cache_.stream(
+            self.model_, self.task_, self.train_dataset_, self.train_indices_ if indices is None else indices,
+            kind="loss", params=self.params, projection=self.projector_, at=at, what=what,
+        )
+        if indices is None:
+            self.info["train_gradients"] = stream.storage
+        return stream
+
+    def test_matrix(self, test_dataset: Any, test_indices: Tensor) -> Tensor:
+        """Measurement gradients ``g_x`` ``[n_test, P']``, held in memory (projected when projecting)."""
+        return self.cache_.stream(
+            self.model_, self.task_, test_dataset, test_indices,
+            kind="measurement", params=self.params, projection=self.projector_, what="test",
+        ).collect()
+
     def train_gradients(self) -> PerSampleGradients:
-        """Cached per-sample training-loss gradients ``g_j`` ``[n_train, P]``."""
+        """Cached per-sample training-loss gradients ``g_j`` ``[n_train, P]`` (unprojected), all in memory;
+        :class:`ConfigurationError` when they do not fit the cache's budget (use :meth:`train_stream`)."""
         return self.cache_.get(
             self.model_, self.task_, self.train_dataset_, self.train_indices_,
             kind="loss", params=self.params, what="training",
         )
 
     def test_gradients(self, test_dataset: Any, test_indices: Tensor) -> PerSampleGradients:
-        """Cached per-sample measurement gradients ``g_x`` ``[n_test, P]``."""
+        """Cached per-sample measurement gradients ``g_x`` ``[n_test, P]`` (unprojected; must fit the budget)."""
         return self.cache_.get(
             self.model_, self.task_, test_dataset, test_indices,
             kind="measurement", params=self.params, what="test",

@@ -14,7 +14,7 @@ from typing import Any
 
 from .._settings import SettingsConfig
 
-__all__ = ["EstimatorConfig", "SettingsConfig", "split_kwargs"]
+__all__ = ["EstimatorConfig", "ProjectionConfig", "SettingsConfig", "split_kwargs"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,28 @@ class EstimatorConfig(SettingsConfig):
             self._fail(f"params must be parameter or module names (strings), got {self.params!r}.")
         if self.label is not None and not isinstance(self.label, str):
             self._fail(f"label must be a string, got {self.label!r}.")
+
+
+@dataclass(frozen=True)
+class ProjectionConfig(EstimatorConfig):
+    """Settings of estimators that may attribute over randomly projected gradients (Grad-Dot, Grad-Cos).
+
+    Args:
+        projection_dim: ``d`` of a seeded random projection ``Π`` applied to training and test
+            gradients alike (:class:`~lightning_fimoda.projection.Projector`); ``None``: exact.
+        projection: ``"rademacher"`` (±1 entries) or ``"gaussian"``.
+        projection_seed: seed of ``Π``.
+    """
+
+    projection_dim: int | None = None
+    projection: str = "rademacher"
+    projection_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._integer("projection_dim", optional=True)
+        self._choice("projection", ("rademacher", "gaussian"))
+        self._integer("projection_seed", minimum=0)
 
 
 def split_kwargs(

@@ -3,6 +3,11 @@
 Grad-Dot ``τ(j, x) = g_x · g_j`` is the first-order Taylor expansion of leave-one-out further training
 (one gradient step of size ``lr`` changes ``f(x)`` by ``(lr/n) g_x · g_j``; the factor is dropped).
 Grad-Cos normalises both gradients: ``g_x · g_j / (‖g_x‖ ‖g_j‖)`` (a zero gradient scores 0).
+
+The test gradients ``[T, P']`` are held in memory; the training gradients stream past them in chunks
+(:meth:`~lightning_fimoda.estimators.base.Estimator.train_stream`), so memory stays within the
+gradient cache's budget. With ``projection_dim=d`` both sides are projected by one seeded random
+projection ``Π`` (``P' = d``): ``(Π g_x)·(Π g_j)`` equals ``g_x·g_j`` in expectation.
 """
 
 from __future__ import annotations
@@ -12,34 +17,52 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..gradients import streamed_products
 from ..registry import register_estimator
 from .base import Estimator
+from .config import ProjectionConfig
 
 __all__ = ["GradCos", "GradDot"]
 
 
 @register_estimator("grad_dot")
 class GradDot(Estimator):
-    """``τ(j, x) = g_x · g_j``. Cost: one pass of per-sample gradients, one ``[T, P] × [P, N]`` product."""
+    """``τ(j, x) = g_x · g_j``. Cost: one pass of per-sample gradients, one ``[T, P'] × [P', N]`` product.
+
+    Settings: :class:`~lightning_fimoda.estimators.config.ProjectionConfig`.
+    """
+
+    config_class = ProjectionConfig
 
     def _fit(self) -> None:
-        self.train_gradients()
+        self._train = self.train_stream()
 
     def _score(self, test_dataset: Any, test_indices: Tensor) -> Tensor:
-        return self.test_gradients(test_dataset, test_indices).flat @ self.train_gradients().flat.T
+        return streamed_products(self._train, self.test_matrix(test_dataset, test_indices).T).T
 
 
 @register_estimator("grad_cos")
 class GradCos(Estimator):
-    """``τ(j, x) = g_x · g_j / (‖g_x‖ ‖g_j‖)``: Grad-Dot with both gradients normalised."""
+    """``τ(j, x) = g_x · g_j / (‖g_x‖ ‖g_j‖)``: Grad-Dot with both gradients normalised (one pass).
+
+    Settings: :class:`~lightning_fimoda.estimators.config.ProjectionConfig`.
+    """
+
+    config_class = ProjectionConfig
 
     def _fit(self) -> None:
-        self.train_gradients()
+        self._train = self.train_stream()
 
     def _score(self, test_dataset: Any, test_indices: Tensor) -> Tensor:
-        g_test = self.test_gradients(test_dataset, test_indices).flat
-        g_train = self.train_gradients().flat
-        return _unit_rows(g_test) @ _unit_rows(g_train).T
+        unit_test = _unit_rows(self.test_matrix(test_dataset, test_indices))  # [T, P']
+        dots = unit_test.new_empty(self._train.n, unit_test.shape[0])
+        norms = unit_test.new_empty(self._train.n)
+        for pos, chunk in self._train:
+            pos = pos.to(dots.device)
+            dots[pos] = chunk @ unit_test.T
+            norms[pos] = chunk.norm(dim=1)
+        tiny = torch.finfo(dots.dtype).tiny
+        return torch.where(norms[:, None] > 0, dots / norms.clamp_min(tiny)[:, None], torch.zeros_like(dots)).T
 
 
 def _unit_rows(x: Tensor) -> Tensor:

@@ -11,7 +11,9 @@ the two are orthogonal. Each registered solver name builds the estimator with th
 
 The curvature ``H`` and ``n`` are those of the whole training dataset given to ``fit``; the scores
 cover ``train_indices``. Cost shape: one solve per test instance (or per scored training instance
-when those are fewer; ``H + λI`` is symmetric), then one matrix product with the cached gradients.
+when those are fewer and their gradients fit the cache's budget; ``H + λI`` is symmetric), then one
+pass of the training gradients, streamed past the solved vectors in chunks (resident when they fit).
+The cached Gauss-Newton factor takes at most the room left in the cache's resident half.
 
 Damping: ``damping=None`` means ``λ = damping_scale · λ_G`` with ``λ_G`` the mean squared entry of
 the scored training examples' per-sample gradients (``damping_scale = 100`` by default, SPEC §3).
@@ -29,10 +31,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._data import model_device_dtype
 from ..curvature import CurvatureOperator, resolve_hessian
+from ..curvature.operator import DEFAULT_JACOBIAN_BUDGET
 from ..exceptions import ConfigurationError, SolverDivergenceError
 from ..functional import FunctionalTask
-from ..gradients import per_sample_gradients
+from ..gradients import GradientStream, streamed_mean_square, streamed_products
+from ..gradients.budget import itemsize
 from ..registry import register_estimator
 from ..solvers import SOLVERS, Solver
 from ..task import AttributionTask
@@ -126,30 +131,43 @@ class InfluenceFunction(Estimator):
     # -- fitting ----------------------------------------------------------------------------------
     def _fit(self) -> None:
         cfg = self.config
-        grads = self.train_gradients()
-        lam = self._resolve_damping(grads.flat)
+        self._train = self.train_stream()
+        lam = self._resolve_damping(self._train)
         fn = FunctionalTask(self.model_, self.task_, self.params)
         self.operator_ = CurvatureOperator(
-            fn, self.train_dataset_, None, hessian=cfg.hessian, damping=lam, batch_size=cfg.chunk_size
+            fn, self.train_dataset_, None, hessian=cfg.hessian, damping=lam, batch_size=cfg.chunk_size,
+            jacobian_budget=self._jacobian_budget(),
         )
         self.info["curvature_products"] = self.operator_.products
         self.solver.fit(self.operator_)
         self.info.update(self.solver.info)
-        self._train_flat = grads.flat
         if cfg.generalized:
             risk_grad = self.operator_.risk_gradient()
             step = -self._solve(risk_grad.unsqueeze(0), "solver_newton_step")[0]
             shifted = fn.unflatten(fn.flatten(fn.params) + step)
-            self._train_flat = per_sample_gradients(
-                self.model_, self.task_, self.train_dataset_, self.train_indices_, kind="loss",
-                params=self.params, at=shifted, memory_budget=self.cache_.memory_budget,
-            ).flat
+            self._train = self._held_if_fits(self.train_stream(at=shifted, what="training (shifted)"))
+            self.info["train_gradients"] = self._train.storage
             self.info["risk_gradient_norm"] = risk_grad.norm().item()
             self.info["newton_step_norm"] = step.norm().item()
 
-    def _resolve_damping(self, train_flat: Tensor) -> float:
-        lambda_g = train_flat.pow(2).mean().item()
-        self.info["lambda_G"] = lambda_g
+    def _jacobian_budget(self) -> int:
+        """Bytes for the cached Gauss-Newton factor: what the cache's resident half has left (at most the
+        operator's default)."""
+        device, _ = model_device_dtype(self.model_)
+        room = self.cache_.resolve(device) - self.cache_.chunk_budget(device) - self.cache_.resident_bytes()
+        return max(0, min(DEFAULT_JACOBIAN_BUDGET, room))
+
+    def _held_if_fits(self, stream: GradientStream) -> GradientStream:
+        """``stream`` held in memory when its ``[n, P']`` rows fit beside the cache's resident sets."""
+        device, dtype = model_device_dtype(self.model_)
+        if stream.storage == "resident" or not self.cache_.fits(stream.n, stream.width, itemsize(dtype), device):
+            return stream
+        return stream.held()
+
+    def _resolve_damping(self, train: GradientStream) -> float:
+        if self.config.damping is None or train.storage == "resident":  # λ_G costs a pass when recomputed
+            lambda_g = streamed_mean_square(train)
+            self.info["lambda_G"] = lambda_g
         if self.config.damping is not None:
             lam = float(self.config.damping)
         elif lambda_g <= 0.0:
@@ -164,14 +182,13 @@ class InfluenceFunction(Estimator):
 
     # -- scoring ----------------------------------------------------------------------------------
     def _score(self, test_dataset: Any, test_indices: Tensor) -> Tensor:
-        g_test = self.test_gradients(test_dataset, test_indices).flat
-        g_train = self._train_flat
+        g_test = self.test_matrix(test_dataset, test_indices)
         n = self.operator_.n
-        if g_test.shape[0] <= g_train.shape[0]:
-            self.info["solved_for"] = "test"
-            return self._solve(g_test, "solver") @ g_train.T / n
-        self.info["solved_for"] = "train"
-        return g_test @ self._solve(g_train, "solver").T / n
+        if g_test.shape[0] > self._train.n and self._train.storage == "resident":
+            self.info["solved_for"] = "train"
+            return g_test @ self._solve(self._train.collect(), "solver").T / n
+        self.info["solved_for"] = "test"
+        return streamed_products(self._train, self._solve(g_test, "solver").T).T / n
 
     def _solve(self, rhs: Tensor, report: str) -> Tensor:
         """``(H + λI)^{-1}`` applied to the rows of ``rhs`` ``[k, P]``; diagnostics to ``info[report]``."""

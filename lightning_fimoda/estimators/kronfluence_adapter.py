@@ -302,7 +302,9 @@ class _Kronfluence(Estimator):
         damping = self._damping_used()
         if isinstance(damping, dict) and kf_modules != modules:  # report the user's layer names
             damping = dict(zip(modules, damping.values()))
-        self.info = {"tracked_modules": modules, "ignored_parameters": ignored, "damping": damping}
+        sizes = dict(self.model_.named_parameters())
+        self.info.update(tracked_modules=modules, ignored_parameters=ignored, damping=damping,
+                         num_params=self.info["num_params"] - sum(sizes[n].numel() for n in ignored))
 
     def _loader_kwargs(self) -> Any:
         return library_module("kronfluence.utils.dataset", self.name).DataLoaderKwargs(collate_fn=self.task_.collate)

@@ -317,7 +317,7 @@ class TRAK(Estimator):
             self._traker.finalize_features(model_ids=[0])
         self._h = h
         self._model = model
-        self.info = {
+        self.info |= {
             "model_output": kind,
             "damping": lam,
             "lambda_reg": lam_reg,

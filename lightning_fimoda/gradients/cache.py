@@ -51,6 +51,7 @@ class GradientStream:
                  projected: bool) -> None:
         self.indices, self.n, self.width = indices, indices.numel(), width
         self.layout = None if projected else layout
+        self._layout = layout
         self._source, self.storage, self.passes = source, storage, 0
 
     @property
@@ -74,6 +75,12 @@ class GradientStream:
                 out = chunk.new_empty(self.n, self.width)
             out[pos.to(out.device)] = chunk
         return out
+
+    def held(self) -> GradientStream:
+        """This stream with its rows held in memory (one pass to collect them when recomputed)."""
+        if isinstance(self._source, Tensor):
+            return self
+        return GradientStream(self.indices, self._layout, self.width, self.collect(), "resident", self.layout is None)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.passes += 1
