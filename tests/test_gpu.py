@@ -171,8 +171,6 @@ def test_projected_stream_on_cuda_tracks_exact_products():
     assert row_cosine(projected.T.cpu(), exact.T.cpu()).min() > 0.9
 
 
-@pytest.mark.xfail(reason="kronfluence's State is a process-wide singleton: the first Analyzer fixes the "
-                   "device (audit: reset it in kronfluence_adapter._fit when the model's device differs)")
 def test_ekfac_follows_the_models_device_after_a_cpu_run():
     pytest.importorskip("kronfluence")
     from kronfluence.utils.state import State

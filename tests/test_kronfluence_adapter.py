@@ -288,3 +288,15 @@ def test_kronfluences_memory_release_does_not_reset_compiled_graphs(monkeypatch,
     EKFAC(damping=0.01).fit(model, MSE, train).score(test)
     assert resets == []
     assert computer.release_memory is state.release_memory  # restored afterwards
+
+
+def test_kronfluences_process_wide_device_follows_the_model(regression_setup):
+    """kronfluence's State singleton keeps the device of its first Analyzer; a model elsewhere resets it
+    (here a stale state from a 'meta' run, as after a CUDA run when the next model is on the CPU)."""
+    from kronfluence.utils.state import State
+
+    model, train, test = regression_setup
+    State._reset_state()
+    State()._shared_state["device"] = torch.device("meta")
+    scores = attribute(model, MSE, train, test, ["ekfac"])["ekfac"]
+    assert State().device == torch.device("cpu") and torch.isfinite(scores).all()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -111,30 +112,37 @@ def kronfluence_tracked_modules(
     return modules, ignored
 
 
+def _kronfluence_state_on(device: torch.device, name: str) -> None:
+    """kronfluence keeps one process-wide device, fixed by its first ``Analyzer``: reset it when this model
+    is elsewhere (a CPU run, then a CUDA one), except under its own torchrun set-up (``LOCAL_RANK``)."""
+    state_module = library_module("kronfluence.utils.state", name)
+    state = state_module.State._shared_state
+    if not state or os.environ.get("LOCAL_RANK") is not None or state.get("device") == device:
+        return
+    state_module.State._reset_state()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class _FisherSampler:
     """Pseudo-loss whose gradient has covariance ``Jᵀ ∇²_o ℓ J`` (the Gauss-Newton matrix) per example."""
 
     def __init__(self, task: AttributionTask, seed: int) -> None:
         self.task = task
-        self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+        # one CPU generator: the same samples (and scores) on every device; the draws are [B, O] only
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, outputs: Tensor, batch: Any) -> Tensor:
-        gen = self._generator(outputs.device)
+        gen = self.generator
         detached = outputs.detach()
         if isinstance(self.task, SupervisedTask) and self.task.loss == "cross_entropy":
-            probs = detached.softmax(dim=1)
-            labels = torch.multinomial(probs, 1, generator=gen).reshape(-1)
+            probs = detached.softmax(dim=1).cpu()
+            labels = torch.multinomial(probs, 1, generator=gen).reshape(-1).to(outputs.device)
             return F.cross_entropy(outputs, labels, reduction="sum")
         hess = checked_output_hessian(self.task, detached, batch)  # [B, O, O]
         evals, evecs = torch.linalg.eigh(hess)
         root = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)  # root rootᵀ = PSD part of the Hessian
-        noise = torch.randn(detached.shape, generator=gen, dtype=detached.dtype, device=detached.device)
+        noise = torch.randn(detached.shape, generator=gen, dtype=detached.dtype).to(detached.device)
         v = torch.einsum("bij,bj->bi", root, noise)
         return (outputs * v).sum()
 
@@ -271,6 +279,7 @@ class _Kronfluence(Estimator):
         with library_errors(self.label, "kronfluence"), library_output("kronfluence"), \
                 _light_memory_release(device.type == "cuda"):
             prepared = analyzer.prepare_model(model_copy, kf_task)
+            _kronfluence_state_on(device, self.name)
             self._analyzer = analyzer.Analyzer(
                 analysis_name="fimoda",
                 model=prepared,
