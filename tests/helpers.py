@@ -9,6 +9,8 @@ from torch.utils.data import TensorDataset
 
 from lightning_fimoda import SupervisedTask
 
+from .conftest import make_mlp, make_regression
+
 MSE, CE = SupervisedTask("mse"), SupervisedTask("cross_entropy")
 
 
@@ -161,3 +163,16 @@ def assert_signs_match_refits(scores: Tensor, model, task, train, test) -> None:
     full, up, down = losses[0], losses[1 : 1 + len(test)], losses[1 + len(test) :]
     assert (up[rows, rows] > full).all(), (up[rows, rows] - full, top)
     assert (down[rows, rows] < full).all(), (down[rows, rows] - full, bottom)
+
+
+def trained_mlp() -> tuple[nn.Module, TensorDataset, TensorDataset]:
+    """A tiny float64 tanh MLP (P = 26) trained part of the way: not stationary, true H ≠ GN."""
+    model = make_mlp(d_in=3, hidden=5)
+    train, test = make_regression(30, d_in=3, seed=1), make_regression(6, d_in=3, seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = train.tensors
+    for _ in range(300):
+        opt.zero_grad()
+        mse(model(x), y).mean().backward()
+        opt.step()
+    return model, train, test

@@ -13,8 +13,7 @@ from torch.utils.data import TensorDataset
 from lightning_fimoda import SupervisedTask, attribute, build_estimator
 from lightning_fimoda.estimators.influence import SolverDivergenceError
 
-from .conftest import make_mlp, make_regression
-from .helpers import dense_gauss_newton, dense_true_hessian, flat_model, mse
+from .helpers import dense_gauss_newton, dense_true_hessian, flat_model, mse, trained_mlp
 
 # chunk_size 15: full-data products run over two forward passes (and, on this CPU build, tiny float64
 # products over more than 16 examples hit a slow BLAS path)
@@ -25,19 +24,6 @@ SOLVERS = {
     "arnoldi": {"rank": 1000, "chunk_size": 15},  # rank = P: exact
 }
 TASK = SupervisedTask("mse")
-
-
-def trained_mlp() -> tuple[nn.Module, TensorDataset, TensorDataset]:
-    """A tiny float64 tanh MLP (P = 26) trained part of the way: not stationary, true H ≠ GN."""
-    model = make_mlp(d_in=3, hidden=5)
-    train, test = make_regression(30, d_in=3, seed=1), make_regression(6, d_in=3, seed=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    x, y = train.tensors
-    for _ in range(300):
-        opt.zero_grad()
-        mse(model(x), y).mean().backward()
-        opt.step()
-    return model, train, test
 
 
 def per_example_grads(model: nn.Module, data: TensorDataset, theta: Tensor | None = None) -> Tensor:

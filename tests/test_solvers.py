@@ -22,8 +22,7 @@ from lightning_fimoda.exceptions import ConfigurationError
 from lightning_fimoda.solvers import SOLVERS, CGSolver, LissaSolver, lanczos, ritz_pairs
 
 from .conftest import make_mlp, make_regression
-from .helpers import dense_true_hessian, mse, row_cosine
-from .test_influence import trained_mlp
+from .helpers import dense_true_hessian, mse, row_cosine, trained_mlp
 
 MSE = SupervisedTask("mse")
 
