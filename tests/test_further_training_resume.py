@@ -260,6 +260,7 @@ try:
     (out / f"rank{rank}.txt").write_text("ran")
 except MismatchError as err:
     (out / f"rank{rank}.txt").write_text(str(err))
+dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit)
 dist.destroy_process_group()
 """
 
