@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ._data import model_device_dtype, resolve_indices
 from ._progress import StageLog, show_bars
 from .estimators.base import Estimator
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, FiMODAError
 from .functional import eval_mode
 from .gradients import DEFAULT_MEMORY_BUDGET, GradientCache
 from .profiling import PeakMemory
@@ -187,7 +187,8 @@ def _attempt(est: Estimator, keep_going: bool, *args: Any) -> EstimatorRun:
     except Exception as err:  # noqa: BLE001 - reported in the run and on the console, the others go on
         if not keep_going:
             raise
-        traceback.print_exc()
+        if not isinstance(err, FiMODAError):  # our own errors say what to do; others get their traceback
+            traceback.print_exc()
         print(f"FiMODA: estimator {est.label!r} failed ({_error_text(err)}); continuing with the others.", flush=True)
         return EstimatorRun(est.label, None, time.perf_counter() - start, _safe_settings(est), error=_error_text(err),
                             checkpoint_indexed=bool(getattr(type(est), "checkpoint_indexed", False)))

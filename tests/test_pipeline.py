@@ -129,6 +129,22 @@ def test_rerun_recomputes_when_the_data_changes_with_the_same_sizes(tmp_path):
     assert estimator_stubs.Counting.fits == 2 and not again.runs[0].reused
 
 
+def test_our_own_errors_are_one_line_and_unexpected_ones_keep_their_traceback(monkeypatch, capsys):
+    from lightning_fimoda.estimators.first_order import GradDot
+
+    def refuse(self):
+        raise ConfigurationError("grad_dot: a clear refusal")
+
+    monkeypatch.setattr(GradDot, "_fit", refuse)
+    model, dm = TinyRegressor(), TinyDataModule()
+    dm.setup()
+    runs = run_estimators(model, model.attribution_task(), dm.train_dataset, dm.test_dataset,
+                          ["grad_dot", "test_failing"], keep_going=True)
+    assert [r.ok for r in runs] == [False, False]
+    err = capsys.readouterr().err
+    assert "boom in fit" in err and err.count("Traceback") == 1 and "a clear refusal" not in err
+
+
 # -- 12.6: output folders ------------------------------------------------------------------------------
 def test_second_run_replaces_the_first_reports_files_with_normal_permissions(tmp_path, capsys):
     old_umask = os.umask(0o022)
