@@ -73,7 +73,26 @@ def numeric_columns(
         raise ValueError(f"{dataset}: {str(path)!r} has a non-numeric value in {list(columns)}: {err}") from err
 
 
-class TabularDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """Train / test dataloaders from ``_loader(dataset, shuffle)``; the validation loader serves the test
+    split (the paper's settings have no separate validation split)."""
+
+    shuffle = True
+
+    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, False)
+
+
+class TabularDataModule(SplitDataModule):
     """A tabular dataset split, standardised and served as ``TensorDataset`` s (paper preprocessing).
 
     Args:
@@ -191,12 +210,3 @@ class TabularDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.shuffle)
-
-    def val_dataloader(self) -> DataLoader:
-        """The test split (the paper has no separate validation split for tabular data)."""
-        return self._loader(self.test_dataset, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, False)

@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..._optional import require
-from .base import read_table, require_columns
+from .base import SplitDataModule, read_table, require_columns
 
 __all__ = ["PadCollate", "SST2DataModule", "TokenizedDataset", "default_encoder_path", "load_tokenizer"]
 
@@ -89,7 +88,7 @@ class TokenizedDataset(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
 
 
-class SST2DataModule(L.LightningDataModule):
+class SST2DataModule(SplitDataModule):
     """GLUE SST-2: train on the training split, test (and validate) on the dev split (872 sentences).
 
     Sources: ``source="tsv"`` reads ``train_path`` / ``test_path`` (default ``data_dir /
@@ -182,15 +181,6 @@ class SST2DataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None, num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, True)
-
-    def val_dataloader(self) -> DataLoader:
-        """The dev split (the GLUE test split has no labels)."""
-        return self._loader(self.test_dataset, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, False)
 
 
 def read_sst2_tsv(path: Path) -> tuple[list[str], list[int]]:

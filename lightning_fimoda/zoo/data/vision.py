@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from ..._optional import require
+from .base import SplitDataModule
 
 __all__ = ["CIFAR10DataModule", "RandomCropFlip"]
 
@@ -41,7 +41,7 @@ class RandomCropFlip:
         return out, y
 
 
-class CIFAR10DataModule(L.LightningDataModule):
+class CIFAR10DataModule(SplitDataModule):
     """CIFAR-10 images ``(x [3, 32, 32], y)``, standardised per channel with training statistics.
 
     Sources, in order: ``path`` (an ``.npz`` with uint8 ``x_train [N, 32, 32, 3]``, int ``y_train``,
@@ -155,12 +155,3 @@ class CIFAR10DataModule(L.LightningDataModule):
             collate_fn=collate, num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, True)
-
-    def val_dataloader(self) -> DataLoader:
-        """The test split."""
-        return self._loader(self.test_dataset, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, False)
