@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -62,27 +63,28 @@ class WorkClock:
     Call :meth:`advance` after each piece of work. The rate is the work done since the *end of the
     first piece* over the time since then: the first piece also pays one-off costs (tracing,
     allocation, caches), and a plain work/elapsed rate would carry them into every later estimate.
-    ``None`` until a second piece has started.
+    ``None`` until a second piece has been done. ``timer``: seconds, monotonic (tests pass a fake).
     """
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
+        self.timer = timer
+        self.start = timer()
         self.work = 0
         self._mark: tuple[float, int] | None = None
 
     def advance(self, n: int) -> None:
         self.work += n
         if self._mark is None:
-            self._mark = (time.perf_counter(), self.work)
+            self._mark = (self.timer(), self.work)
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return self.timer() - self.start
 
     def rate(self) -> float | None:
         """Work items per second since the first piece (``None``: not measurable yet)."""
         if self._mark is None or self.work == self._mark[1]:
             return None
-        seconds = time.perf_counter() - self._mark[0]
+        seconds = self.timer() - self._mark[0]
         return (self.work - self._mark[1]) / seconds if seconds > 0 else None
 
     def eta(self, remaining: int) -> float | None:
