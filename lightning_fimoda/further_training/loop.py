@@ -100,7 +100,8 @@ class FurtherTrainingLoop:
         progress: show a progress bar (optimizer steps of all runs, with ETA; units done as postfix).
         engine: ``"auto"`` (``"mlp"`` when the model is a plain MLP, else ``"vectorised"``),
             ``"mlp"``, ``"vectorised"`` or ``"sequential"`` (see the module docstring).
-        chunk_size: LOO runs per unit; ``None``: as many as fit ``memory_budget`` bytes.
+        chunk_size: LOO runs per unit; ``None``: as many as fit ``memory_budget`` bytes beside the full
+            run, spread evenly over the units (``info["memory"]`` says how: :func:`.plan.run_bytes`).
         memory_budget: bytes for one unit's stacked runs; ``None``: 25% of the memory available on the
             model's device (:func:`~lightning_fimoda.gradients.resolve_memory_budget`).
 
