@@ -80,7 +80,7 @@ def test_eta_after_the_first_unit_is_within_20_percent_on_a_real_job():
     errors = []
     for _ in range(3):
         loop = FurtherTrainingLoop(
-            SupervisedTask(), lr=0.01, batch_size=8, epochs=2, seeds=1, chunk_size=4, engine="vectorised",
+            SupervisedTask(), lr=0.01, batch_size=8, epochs=4, seeds=1, chunk_size=4, engine="vectorised",
             progress=False,
         )
         loop.run(model, train, test, list(range(20)))
