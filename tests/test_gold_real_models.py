@@ -135,9 +135,12 @@ def resnet_loop(**kw) -> FurtherTrainingLoop:
 @pytest.mark.parametrize("leave_out", ["subtract", "drop"])
 def test_resnet9_eval_mode_vectorised_matches_naive_loop(leave_out):
     model, train, test, loss_of, measure = resnet_problem()
+    model.train()  # as Lightning leaves it: further training still runs in eval mode
+    before = {n: b.clone() for n, b in model.state_dict().items()}
     loop = resnet_loop(leave_out=leave_out)
     gold = loop.run(model, train, test, LOO)
     assert loop.info["engine"] == "vectorised"
+    assert model.training and all(torch.equal(before[n], b) for n, b in model.state_dict().items())
     assert_matches_naive(gold, model, loss_of, measure, sgd, leave_out)
 
 
