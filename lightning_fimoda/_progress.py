@@ -3,14 +3,21 @@
 ``progress=None`` (the default of ``attribute()``, ``run_estimators`` and ``FiMODACallback``) means *auto*:
 progress bars in an interactive terminal, and, when stderr is not a terminal (logs, CI), one line per
 stage with the elapsed time and an ETA instead of bars. ``True``: bars always; ``False``: silent.
+
+Long jobs counted in work items (the further-training loop's run-steps) take their ETA from a
+:class:`WorkClock`, shown by a :class:`ClockBar`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["StageLog", "interactive", "show_bars"]
+from tqdm.auto import tqdm
+
+__all__ = ["ClockBar", "StageLog", "WorkClock", "interactive", "show_bars"]
 
 
 def interactive() -> bool:
@@ -48,3 +55,60 @@ class StageLog:
             file=sys.stderr,
             flush=True,
         )
+
+
+class WorkClock:
+    """Rate and ETA of a job of equal-cost work items, with the first item's warm-up left out.
+
+    Call :meth:`advance` after each piece of work. The rate is the work done since the *end of the
+    first piece* over the time since then: the first piece also pays one-off costs (tracing,
+    allocation, caches), and a plain work/elapsed rate would carry them into every later estimate.
+    ``None`` until a second piece has been done. ``timer``: seconds, monotonic (tests pass a fake).
+    """
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
+        self.timer = timer
+        self.start = timer()
+        self.work = 0
+        self._mark: tuple[float, int] | None = None
+
+    def advance(self, n: int) -> None:
+        self.work += n
+        if self._mark is None:
+            self._mark = (self.timer(), self.work)
+
+    def elapsed(self) -> float:
+        return self.timer() - self.start
+
+    def rate(self) -> float | None:
+        """Work items per second since the first piece (``None``: not measurable yet)."""
+        if self._mark is None or self.work == self._mark[1]:
+            return None
+        seconds = self.timer() - self._mark[0]
+        return (self.work - self._mark[1]) / seconds if seconds > 0 else None
+
+    def eta(self, remaining: int) -> float | None:
+        """Seconds for ``remaining`` more work items at :meth:`rate`."""
+        rate = self.rate()
+        return remaining / rate if rate else None
+
+
+class ClockBar(tqdm):
+    """A tqdm bar whose rate, and so its ETA, comes from a :class:`WorkClock` once it has one
+    (tqdm's own smoothed rate before that); ``update(n)`` also advances the clock."""
+
+    def __init__(self, *args: Any, clock: WorkClock, **kwargs: Any) -> None:
+        self.clock = clock  # set first: tqdm's __init__ may already render
+        super().__init__(*args, **kwargs)
+
+    def update(self, n: int = 1) -> bool | None:
+        self.clock.advance(n)
+        return super().update(n)
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        values = super().format_dict
+        rate = self.clock.rate()
+        if rate:
+            values["rate"] = rate
+        return values

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .._data import dataset_length, resolve_indices
+from .._progress import ClockBar, WorkClock
 from ..exceptions import ConfigurationError, MismatchError
 from ..functional import full_float32
 from ..gold_standard import GoldStandard
@@ -100,7 +100,8 @@ class FurtherTrainingLoop:
         progress: show a progress bar (optimizer steps of all runs, with ETA; units done as postfix).
         engine: ``"auto"`` (``"mlp"`` when the model is a plain MLP, else ``"vectorised"``),
             ``"mlp"``, ``"vectorised"`` or ``"sequential"`` (see the module docstring).
-        chunk_size: LOO runs per unit; ``None``: as many as fit ``memory_budget`` bytes.
+        chunk_size: LOO runs per unit; ``None``: as many as fit ``memory_budget`` bytes beside the full
+            run, spread evenly over the units (``info["memory"]`` says how: :func:`.plan.run_bytes`).
         memory_budget: bytes for one unit's stacked runs; ``None``: 25% of the memory available on the
             model's device (:func:`~lightning_fimoda.gradients.resolve_memory_budget`).
 
@@ -150,6 +151,7 @@ class FurtherTrainingLoop:
         self.run_root = Path(run_root) if run_root is not None else None
         self.progress = progress
         self.info: dict[str, Any] = {}
+        self._timing: dict[str, Any] = {}
 
     @property
     def seeds(self) -> list[int]:
@@ -208,7 +210,9 @@ class FurtherTrainingLoop:
 
         ``loo_indices``: the set ``J`` (training indices, ``[m]``); ``test_indices``: test instances to
         measure (default: all). Under ``torch.distributed`` every rank must call this; all return the
-        same result. ``self.info`` then holds ``units_computed`` / ``units_loaded`` and the engine used.
+        same result. ``self.info`` then holds the engine, ``chunk_size``, ``units_computed`` /
+        ``units_loaded``; ``memory``: the budget and how the chunk size was set from it; ``progress``:
+        this rank's ``seconds`` and, after each unit, the elapsed time and the ETA of the rest.
         """
         plan = self.plan(model, train_dataset, test_dataset, loo_indices, test_indices)
         check_same_job(plan.fingerprint)  # every rank the same job, before any work
@@ -226,6 +230,8 @@ class FurtherTrainingLoop:
             "units_loaded": len(loaded),
             "units_corrupt": corrupt,
             "run_dir": str(store.root) if store is not None else None,
+            "memory": plan.memory,
+            "progress": self._timing,
         }
         gold = plan.assemble(results)
         if store is not None and rank_and_world()[0] == 0:
@@ -311,18 +317,20 @@ class FurtherTrainingLoop:
         return plan.with_layout(layout)
 
     def _execute(self, plan: TrainingPlan, store: RunStore | None, pending: list) -> Results:
-        """Compute this rank's share of ``pending``, store each unit, and gather every rank's."""
+        """Compute this rank's share of ``pending``, store each unit, and gather every rank's.
+
+        Timing and the ETA after each unit (:class:`~lightning_fimoda._progress.WorkClock`, in
+        run-steps) go to ``self._timing``. Units holding a seed's full run go last, so that the ETA is
+        measured on a typical unit (a vectorised round costs about the same with one run more)."""
         rank, world = rank_and_world()
-        mine = shard(pending, rank, world)
+        mine = sorted(shard(pending, rank, world), key=lambda unit: unit[2][0] is None)
         results: Results = {}
         error = None
-        bar = tqdm(
-            total=sum(plan.schedule.run_steps(excluded=j is not None) for u in mine for j in u[2]),
-            desc="further training",
-            unit="run-step",
-            unit_scale=True,
-            disable=not self.progress or rank != 0,
-        )
+        total = sum(plan.schedule.run_steps(excluded=j is not None) for u in mine for j in u[2])
+        clock = WorkClock()
+        self._timing = {"seconds": 0.0, "elapsed_after_unit": [], "eta_after_unit": []}
+        bar = ClockBar(total=total, desc="further training", unit="run-step", unit_scale=True,
+                       disable=not self.progress or rank != 0, clock=clock)
         try:
             for done_units, (seed, chunk, members) in enumerate(mine, start=1):
                 start = time.perf_counter()
@@ -330,6 +338,9 @@ class FurtherTrainingLoop:
                 if store is not None:
                     store.save(seed, chunk, loo, full, time.perf_counter() - start, rank)
                 results[(seed, chunk)] = (loo, full)
+                eta = clock.eta(total - clock.work)
+                self._timing["elapsed_after_unit"].append(clock.elapsed())
+                self._timing["eta_after_unit"].append(eta)
                 bar.set_postfix_str(f"units {done_units}/{len(mine)}")
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             if world == 1:
@@ -337,6 +348,7 @@ class FurtherTrainingLoop:
             error = f"rank {rank}: {type(err).__name__}: {err}"
         finally:
             bar.close()
+            self._timing["seconds"] = clock.elapsed()
         gathered = all_gather((results, error))
         errors = [e for _, e in gathered if e]
         if errors:

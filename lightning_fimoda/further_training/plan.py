@@ -8,6 +8,7 @@ a :class:`~lightning_fimoda.GoldStandard`. The test batch and the MLP kernel are
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from .._data import load_batch
 from ..exceptions import ConfigurationError
 from ..functional import FunctionalTask, eval_mode
 from ..gold_standard import GoldStandard
-from ..gradients.budget import resolve_memory_budget
+from ..gradients.budget import describe_budget, resolve_memory_budget
 from ..task import AttributionTask
 from .config import FurtherTrainingConfig
 from .engine import run_vectorised
@@ -54,6 +55,7 @@ class TrainingPlan:
     chunk_size: int
     device: torch.device
     fingerprint: dict[str, Any]
+    memory: dict[str, Any] = field(default_factory=dict)
     _built: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -63,7 +65,11 @@ class TrainingPlan:
 
     def with_layout(self, layout: dict[str, Any]) -> TrainingPlan:
         """This plan cut into units as ``layout`` says (a run directory's stored layout)."""
-        return dataclasses.replace(self, engine=layout["engine"], chunk_size=int(layout["chunk_size"]), _built={})
+        chunk = int(layout["chunk_size"])
+        memory = self.memory
+        if chunk != self.chunk_size:
+            memory = {**memory, "runs_per_unit": chunk + int(self.config.full_run), "chunk_source": "run_dir"}
+        return dataclasses.replace(self, engine=layout["engine"], chunk_size=chunk, memory=memory, _built={})
 
     def units(self) -> list[Unit]:
         """``(seed, chunk, members)``; the first chunk of a seed also holds its full run (``None``)."""
@@ -147,14 +153,14 @@ def make_plan(
     device = next(iter(fn.params.values())).device
     example = load_batch(task, train_dataset, torch.tensor([0]), device)
     engine = resolve_engine(engine, model, task, example, config.train_mode)
-    budget = resolve_memory_budget(memory_budget, device)
-    chunk = chunk_size or _chunk_for_budget(fn, example, schedule.batch_size, budget)
+    chunk, memory = _resolve_chunk(fn, example, schedule.batch_size, memory_budget, chunk_size,
+                                   loo_indices.numel(), config.full_run)
     fingerprint = job_fingerprint(
         config.to_dict(), model, task, train_dataset, test_dataset, loo_indices, test_indices
     )
     return TrainingPlan(
         config, schedule, model, task, fn, train_dataset, test_dataset, loo_indices, test_indices,
-        engine, min(chunk, loo_indices.numel()), device, fingerprint,
+        engine, chunk, device, fingerprint, memory,
     )
 
 
@@ -181,9 +187,38 @@ def resolve_engine(choice: str, model: nn.Module, task: AttributionTask, example
     return "sequential"
 
 
-def _chunk_for_budget(fn: FunctionalTask, example: Any, batch_size: int, budget: int) -> int:
-    """LOO runs per unit that fit ``budget`` bytes: parameters, gradients, optimizer state and
-    temporaries (8 copies of ``P``), plus the activations of ``b + 1`` rows (forward and backward)."""
+def _resolve_chunk(
+    fn: FunctionalTask, example: Any, batch_size: int, memory_budget: int | None, chunk_size: int | None,
+    m: int, full_run: bool,
+) -> tuple[int, dict[str, Any]]:
+    """LOO runs per unit, and how they were chosen (the ``memory`` entry of the run's info).
+
+    Without ``chunk_size``: as many runs as fit the budget at :func:`run_bytes` each, one fewer to
+    leave room for the full run that the first unit also trains, then spread evenly over the units
+    (``m = 10`` at 6 per unit gives 5 + 5, not 6 + 4) so that the units take equally long.
+    """
+    device = next(iter(fn.params.values())).device
+    budget = resolve_memory_budget(memory_budget, device)
+    per_run = run_bytes(fn, example, batch_size)
+    m = max(m, 1)
+    if chunk_size is None:
+        fit = max(1, budget // per_run - int(full_run))
+        chunk = math.ceil(m / math.ceil(m / fit))
+    else:
+        chunk = min(chunk_size, m)
+    return chunk, {
+        "memory_budget": budget,
+        "memory_budget_source": describe_budget(memory_budget, device),
+        "bytes_per_run": per_run,
+        "runs_per_unit": chunk + int(full_run),
+        "chunk_source": "given" if chunk_size is not None else "memory budget",
+    }
+
+
+def run_bytes(fn: FunctionalTask, example: Any, batch_size: int) -> int:
+    """Estimated bytes of one run on the vectorised engine (stated, not measured): its parameters,
+    gradients, optimizer state and temporaries (8 copies of ``P``), plus the activations of ``b + 1``
+    rows (every module's output, containers included: a generous count of what the backward keeps, ×3)."""
     count = 0
 
     def hook(_module, _inputs, output):
@@ -198,5 +233,4 @@ def _chunk_for_budget(fn: FunctionalTask, example: Any, batch_size: int, budget:
     finally:
         for h in handles:
             h.remove()
-    per_member = first.element_size() * (8 * fn.num_params + 3 * (batch_size + 1) * count)
-    return max(1, budget // per_member)
+    return first.element_size() * (8 * fn.num_params + 3 * (batch_size + 1) * count)

@@ -6,14 +6,19 @@ it walks each run's own batches (``epoch_permutation`` minus ``j`` for ``drop``)
 
 In train mode, ``torch``'s global generator is re-seeded from ``(seed, step)`` before each step's
 forward pass, so the full run and every LOO run of a seed draw the same dropout masks for the shared
-batch (common random numbers); the caller's RNG state is restored afterwards.
+batch (common random numbers); the caller's RNG state is restored afterwards. Every run trains its
+own deep copy, so BatchNorm's running statistics are updated by that run's batches only. The
+subtracted term ``ℓ(z_j)`` of ``subtract`` runs through BatchNorm on its running statistics without
+updating them: ``z_j`` alone has no batch statistics to speak of (none at all behind a 1x1 feature
+map), and its single-example statistics must not leak into the run's running averages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -79,7 +84,8 @@ def _one_run(model, task, spec, seed, j, dataset, measure, device, on_step) -> T
             batch = load_batch(task, dataset, idx, device)
             loss = task.per_example_loss(net, batch).mean()
             if spec.leave_out == "subtract" and j is not None:
-                loss = loss - task.per_example_loss(net, z_j).sum() / spec.n
+                with _running_statistics(net, train_mode):
+                    loss = loss - task.per_example_loss(net, z_j).sum() / spec.n
             check_loss_finite(loss.detach(), None, seed, step + 1, [j])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -96,6 +102,19 @@ def _one_run(model, task, spec, seed, j, dataset, measure, device, on_step) -> T
         if total is not None and step == total:
             break
     return torch.stack(measured)
+
+
+@contextlib.contextmanager
+def _running_statistics(net: nn.Module, train_mode: bool) -> Iterator[None]:
+    """BatchNorm layers of ``net`` in eval mode inside the block (when training in train mode)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if train_mode else []
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 class _Measure:
