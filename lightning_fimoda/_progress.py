@@ -40,14 +40,16 @@ class StageLog:
         self.done = 0
         self.start = time.perf_counter()
 
-    def finished(self, name: str, seconds: float, note: str = "") -> None:
-        """Report that stage ``name`` finished after ``seconds``."""
+    def finished(self, name: str, seconds: float, note: str = "", eta: float | None = None) -> None:
+        """Report that stage ``name`` finished after ``seconds``; ``eta``: the caller's own estimate of
+        the remaining seconds (default: the mean time of the finished stages times those left)."""
         self.done += 1
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
         left = self.total - self.done
-        eta = f", ETA {elapsed / self.done * left:.0f} s" if left else ""
+        eta = (elapsed / self.done * left) if eta is None else eta
+        eta = f", ETA {eta:.0f} s" if left else ""
         extra = f" ({note})" if note else ""
         print(
             f"fimoda: {self.what} {self.done}/{self.total} {name} done in {seconds:.1f} s{extra}; "

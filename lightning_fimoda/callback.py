@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from ._data import dataset_length, model_device_dtype, resolve_indices
 from ._lightning import find_datasets, preserved_state
 from ._output import check_writable, clear_previous_report
-from ._progress import StageLog, show_bars
+from ._progress import StageLog
 from ._quiet import quiet_attribution
 from .estimators.base import Estimator
 from .evaluation.report import AttributionReport, library_versions
@@ -313,7 +313,7 @@ class FiMODACallback(Callback):
             return self.gold
         from .further_training import FurtherTrainingLoop
 
-        return FurtherTrainingLoop(task, **{"progress": show_bars(self.progress), **self.gold})
+        return FurtherTrainingLoop(task, **{"progress": self.progress, **self.gold})
 
     def _info(self, module, plan: _Plan, trainer, device, gold_seconds, extra) -> dict[str, Any]:
         info: dict[str, Any] = {

@@ -91,3 +91,22 @@ def test_eta_after_the_first_unit_is_within_20_percent_on_a_real_job():
         if errors[-1] < 0.2:
             break
     assert min(errors) < 0.2, errors
+
+
+def test_gold_standard_prints_one_line_per_unit_with_its_eta_when_not_a_terminal(capsys):
+    """``progress=None`` outside a terminal (logs, CI): one stderr line per finished unit, the ETA from
+    the unit clock, none after the last; ``progress=False`` prints nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    train = TensorDataset(torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64))
+    test = TensorDataset(torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 1, dtype=torch.float64))
+    kwargs = dict(lr=0.01, batch_size=4, epochs=1, seeds=1, chunk_size=2, engine="vectorised")
+    loop = FurtherTrainingLoop(SupervisedTask(), progress=None, **kwargs)
+    loop.run(model, train, test, list(range(8)))
+    err, units = capsys.readouterr().err.splitlines(), loop.info["units"]
+    assert units >= 3 and len(err) == units
+    assert all(line.startswith(f"fimoda: further-training unit {i}/{units} (seed 0, chunk ")
+               for i, line in enumerate(err, start=1))
+    assert all("ETA" in line for line in err[:-1]) and "ETA" not in err[-1]
+    FurtherTrainingLoop(SupervisedTask(), progress=False, **kwargs).run(model, train, test, list(range(8)))
+    assert capsys.readouterr().err == ""

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .._data import dataset_length, resolve_indices
-from .._progress import ClockBar, WorkClock
+from .._progress import ClockBar, StageLog, WorkClock, show_bars
 from ..exceptions import ConfigurationError, MismatchError
 from ..functional import full_float32
 from ..gold_standard import GoldStandard
@@ -97,7 +97,8 @@ class FurtherTrainingLoop:
         run_dir: directory to store finished units in and resume from; ``None``: keep in memory.
         run_root: with ``run_dir=None``, store under ``run_root/<job fingerprint id>/`` instead: every
             distinct job (weights, architecture, task, data, settings) gets its own run directory.
-        progress: show a progress bar (optimizer steps of all runs, with ETA; units done as postfix).
+        progress: show a progress bar (optimizer steps of all runs, with ETA; units done as postfix);
+            ``None``: a bar in a terminal, else one stderr line per finished unit with its ETA.
         engine: ``"auto"`` (``"mlp"`` when the model is a plain MLP, else ``"vectorised"``),
             ``"mlp"``, ``"vectorised"`` or ``"sequential"`` (see the module docstring).
         chunk_size: LOO runs per unit; ``None``: as many as fit ``memory_budget`` bytes beside the full
@@ -124,7 +125,7 @@ class FurtherTrainingLoop:
         config: FurtherTrainingConfig | None = None,
         run_dir: str | Path | None = None,
         run_root: str | Path | None = None,
-        progress: bool = True,
+        progress: bool | None = True,
         engine: str = "auto",
         chunk_size: int | None = None,
         memory_budget: int | None = None,
@@ -330,7 +331,8 @@ class FurtherTrainingLoop:
         clock = WorkClock()
         self._timing = {"seconds": 0.0, "elapsed_after_unit": [], "eta_after_unit": []}
         bar = ClockBar(total=total, desc="further training", unit="run-step", unit_scale=True,
-                       disable=not self.progress or rank != 0, clock=clock)
+                       disable=not show_bars(self.progress) or rank != 0, clock=clock)
+        lines = StageLog(len(mine), self.progress if rank == 0 else False, what="further-training unit")
         try:
             for done_units, (seed, chunk, members) in enumerate(mine, start=1):
                 start = time.perf_counter()
@@ -342,6 +344,7 @@ class FurtherTrainingLoop:
                 self._timing["elapsed_after_unit"].append(clock.elapsed())
                 self._timing["eta_after_unit"].append(eta)
                 bar.set_postfix_str(f"units {done_units}/{len(mine)}")
+                lines.finished(f"(seed {seed}, chunk {chunk})", time.perf_counter() - start, eta=eta)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             if world == 1:
                 raise
