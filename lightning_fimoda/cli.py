@@ -56,6 +56,7 @@ plain LightningCLI config, put the same arguments under ``trainer.callbacks`` wi
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -69,6 +70,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ._quiet import quiet_attribution
 from .callback import FiMODACallback
+from .exceptions import FiMODAError
 from .evaluation.report import AttributionReport
 from .further_training.verify import add_verify_command, run_verify
 
@@ -82,6 +84,19 @@ class FiMODACLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(FiMODACallback, SECTION)
+
+    def before_instantiate_classes(self) -> None:
+        """A model whose ``input_dim`` is ``null`` gets the datamodule's ``input_dim`` (the number of
+        features after encoding), read from the data before anything trains; a datamodule that cannot
+        load its data fails here, with its own message."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model, data = config.get("model"), config.get("data")
+        args = getattr(model, "init_args", None)
+        if args is None or "input_dim" not in args or args.input_dim is not None or data is None:
+            return
+        module, _, name = data.class_path.rpartition(".")
+        datamodule = getattr(importlib.import_module(module), name)(**vars(data.init_args))
+        args.input_dim = datamodule.input_dim
 
 
 def _make_cli(args: Sequence[str], *, save_config: bool) -> FiMODACLI:
@@ -252,10 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report.summary())
         print(f"Re-rendered {Path(args.run_dir) / 'report.md'} and figures.")
         return 0
-    if args.command == "run":
-        run(args.config, overrides)
-    else:
-        attribute(args.checkpoint, args.config, overrides)
+    try:
+        if args.command == "run":
+            run(args.config, overrides)
+        else:
+            attribute(args.checkpoint, args.config, overrides)
+    except (FiMODAError, FileNotFoundError) as err:  # the user's input or set-up, said in one line
+        print(f"fimoda {args.command}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

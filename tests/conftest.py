@@ -10,7 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads (the CI machine's cores); OMP_NUM_THREADS, when set, wins (a busy shared machine
+# runs much faster with 1 thread per process than with spinning OpenMP threads fighting for the cores)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

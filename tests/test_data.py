@@ -82,7 +82,23 @@ def test_breast_cancer_classification():
     assert_standardised(dm.train_dataset.tensors[0])
 
 
+def test_max_train_and_max_test_keep_the_first_rows_of_each_split():
+    raw = load_diabetes()
+    x_tr, x_te, y_tr, _ = train_test_split(raw.data, raw.target, test_size=0.1, random_state=0)
+    dm = DiabetesDataModule(dtype="float64", max_train=100, max_test=7)
+    dm.setup()
+    assert (len(dm.train_dataset), len(dm.test_dataset)) == (100, 7)
+    # oracle: the first 100 rows of sklearn's split, standardised with their own statistics
+    mu, sd = x_tr[:100].mean(0), x_tr[:100].std(0)
+    np.testing.assert_allclose(dm.train_dataset.tensors[0].numpy(), (x_tr[:100] - mu) / sd, atol=1e-12)
+    np.testing.assert_allclose(dm.test_dataset.tensors[0].numpy(), (x_te[:7] - mu) / sd, atol=1e-12)
+    assert dm.target_mean == pytest.approx(y_tr[:100].mean())
+
+
 def test_bad_arguments():
+    for key in ("max_train", "max_test"):
+        with pytest.raises(ValueError, match=key):
+            DiabetesDataModule(**{key: 0})
     with pytest.raises(ValueError, match="dtype"):
         DiabetesDataModule(dtype="float16")
     with pytest.raises(ValueError, match="batch_size"):

@@ -248,3 +248,26 @@ def test_registered_with_sensible_defaults(regression_setup):
     out = attribute(model, SupervisedTask("mse"), train, test, ["trak", "grad_dot"])
     assert out["trak"].shape == (6, 40) and torch.isfinite(out["trak"]).all()
     assert (row_cosine(out["trak"], out["grad_dot"]) > 0).all()
+
+
+def test_text_classification_task_gives_trak_the_margin():
+    """The zoo's dict-batch task (SST-2 configs list TRAK): ``model_output`` is the margin of the logits
+    the model returns for the batch, ``o_y − logsumexp_{c≠y} o_c``, checked against a one-hot formula."""
+    from lightning_fimoda.zoo.models.text import TextClassificationTask
+
+    class BagOfWords(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(11, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, input_ids, attention_mask):
+            assert attention_mask.dim() == 4  # the task hands over the additive [B, 1, L, L] mask
+            return self.head(self.emb(input_ids).mean(dim=1))
+
+    torch.manual_seed(0)
+    model, task = BagOfWords(), TextClassificationTask()
+    batch = task.collate([{"input_ids": torch.randint(1, 11, (n,)), "labels": torch.tensor(n % 3)} for n in (3, 5, 4)])
+    logits = model(batch["input_ids"], batch["attention_mask"][:, None, None, :].expand(-1, 1, 5, 5))
+    one_hot = torch.nn.functional.one_hot(batch["labels"], 3).bool()
+    expected = logits[one_hot] - logits.masked_fill(one_hot, -torch.inf).logsumexp(dim=1)
+    torch.testing.assert_close(task.model_output(model, batch), expected)

@@ -105,6 +105,8 @@ class TabularDataModule(SplitDataModule):
         seed: seed of the training dataloader's shuffling.
         dtype: floating dtype of the features and regression targets (``"float32"`` or ``"float64"``).
         num_workers: dataloader workers.
+        max_train, max_test: keep only the first that many rows of each split, taken after the split and
+            before standardisation (small CPU runs and tests); ``None`` keeps all.
 
     After :meth:`setup`: :attr:`train_dataset`, :attr:`test_dataset` (items ``(x [d], y)``),
     :attr:`feature_names`, :attr:`feature_mean` / :attr:`feature_std` ``[d]`` and, for regression,
@@ -126,10 +128,16 @@ class TabularDataModule(SplitDataModule):
         seed: int = 0,
         dtype: Literal["float32", "float64"] = "float32",
         num_workers: int = 0,
+        max_train: int | None = None,
+        max_test: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        for key, value in (("max_train", max_train), ("max_test", max_test)):
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be a positive number of rows or None, got {value}.")
+        self.max_train, self.max_test = max_train, max_test
         self.batch_size = batch_size
         self.test_size = test_size
         self.random_state = random_state
@@ -162,6 +170,8 @@ class TabularDataModule(SplitDataModule):
             raise ValueError(f"{self.name}: expected features [n, d] and targets [n], got {x.shape}, {y.shape}.")
         self.feature_names = list(names)
         x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=self.test_size, random_state=self.random_state)
+        x_tr, y_tr = x_tr[: self.max_train], y_tr[: self.max_train]
+        x_te, y_te = x_te[: self.max_test], y_te[: self.max_test]
         scaled = np.ones(x.shape[1], dtype=bool)
         if self.numeric_features is not None:  # dummy-coded columns stay 0/1
             scaled = np.array([n in self.numeric_features for n in self.feature_names])

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ...exceptions import MissingExtraError
 from .base import TabularDataModule, numeric_columns, read_table, require_columns, require_file
 
 __all__ = [
@@ -247,7 +248,7 @@ class FolktablesDataModule(TabularDataModule):
         try:
             from folktables import ACSDataSource, ACSIncome
         except ImportError as err:
-            raise ImportError(
+            raise MissingExtraError(
                 "FolktablesDataModule needs the `folktables` package: pip install folktables (it downloads "
                 "census data from census.gov). Without internet access use AdultDataModule, the offline "
                 "stand-in (UCI Adult from a local CSV)."

@@ -27,7 +27,7 @@ class MLP(ZooModule):
     minimises the mean of exactly the per-example loss that attribution differentiates.
 
     Args:
-        input_dim: number of features ``d``.
+        input_dim: number of features ``d`` (required; ``fimoda run`` fills a ``null`` from the data).
         num_outputs: 1 (regression) or the number of classes.
         hidden: hidden layer widths (paper: 128, 128).
         lr: SGD learning rate; ``None`` takes the paper's: 0.3 for regression (Concrete, Energy),
@@ -40,7 +40,7 @@ class MLP(ZooModule):
 
     def __init__(
         self,
-        input_dim: int,
+        input_dim: int | None = None,
         num_outputs: int = 1,
         hidden: Sequence[int] = (128, 128),
         lr: float | None = None,
@@ -49,6 +49,11 @@ class MLP(ZooModule):
         seed: int | None = 0,
     ) -> None:
         super().__init__()
+        if input_dim is None:
+            raise ValueError(
+                "MLP: input_dim is required (in a `fimoda run` config, `input_dim: null` takes it from the "
+                "datamodule's input_dim)."
+            )
         if input_dim < 1 or num_outputs < 1:
             raise ValueError(f"MLP: input_dim and num_outputs must be positive, got {input_dim}, {num_outputs}.")
         if num_outputs == 1 and lr is None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._optional import require
-from ...task import AttributionTask, SupervisedTask
+from ...task import AttributionTask, SupervisedTask, margin
 from ..data.text import PadCollate, default_encoder_path
 from .base import ZooModule
 
@@ -90,6 +90,10 @@ class TextClassificationTask(AttributionTask):
     def output_hessian(self, outputs: Tensor, batch: Any) -> Tensor:
         """Hessian of the cross-entropy in the logits, ``diag(p) − ppᵀ``, ``[B, C, C]``."""
         return _CE.output_hessian(outputs, batch)
+
+    def model_output(self, model: nn.Module, batch: Any) -> Tensor:
+        """TRAK's model output: the margin ``o_y − logsumexp_{c≠y} o_c`` per example, ``[B]``."""
+        return margin(self.outputs(model, batch), self.check(batch)["labels"])
 
     def collate(self, items: Any) -> dict[str, Tensor]:
         return self._collate(items)
