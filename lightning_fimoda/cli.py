@@ -70,8 +70,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ._quiet import quiet_attribution
 from .callback import FiMODACallback
-from .exceptions import FiMODAError
 from .evaluation.report import AttributionReport
+from .exceptions import FiMODAError
 from .further_training.verify import add_verify_command, run_verify
 
 __all__ = ["FiMODACLI", "callback_from_config", "main"]
