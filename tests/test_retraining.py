@@ -103,6 +103,9 @@ def test_init_seed_reinitialises_like_the_zoo_models_seed():
     fresh = MLP(input_dim=3, num_outputs=1, hidden=[5, 4], seed=7)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), fresh.state_dict().values()))
     assert not torch.equal(final.net[0].weight, fresh.net[0].weight)  # the argument is not changed
+    doubled = reinitialise(copy.deepcopy(final).double(), 7)  # the draws do not depend on the dtype
+    assert all(torch.equal(a, b.double()) for a, b in zip(doubled.state_dict().values(), fresh.state_dict().values()))
+    assert doubled.net[0].weight.dtype == torch.float64
     train = TensorDataset(torch.randn(N, 3), torch.randn(N, 1))
     test = TensorDataset(torch.randn(4, 3), torch.randn(4, 1))
     by_seed = loop(init_seed=7, seeds=1).run(final, train, test, LOO)

@@ -12,8 +12,9 @@ schedule, engines (all LOO runs of a seed at once), checks, run directory and
 
 - the runs start from ``θ₀``: ``initial_weights`` (a state dict or a module of the same architecture)
   or, with ``init_seed``, the architecture re-initialised by every module's ``reset_parameters()`` in
-  module order under ``torch.manual_seed(init_seed)`` on the CPU (for the zoo's models this is exactly
-  their ``seed=`` initialisation); the final weights passed to :meth:`run` only give the architecture;
+  module order under ``torch.manual_seed(init_seed)``, in float32 on the CPU as a module is constructed
+  (for the zoo's models exactly their ``seed=`` initialisation, whatever the model's dtype and device);
+  the final weights passed to :meth:`run` only give the architecture;
 - ``leave_out`` defaults to ``"drop"`` (``z_j`` removed: true LOO re-training); ``"subtract"`` works too;
 - the job's fingerprint carries ``kind = "retraining"`` (and ``init_seed``), so a run directory holds
   one kind of job only: re-training and further training of the same model never mix.
@@ -140,7 +141,8 @@ class RetrainingLoop(FurtherTrainingLoop):
 
 def reinitialise(model: nn.Module, seed: int) -> nn.Module:
     """A copy of ``model`` re-initialised: ``reset_parameters()`` of every module in module order under
-    ``torch.manual_seed(seed)``, on the CPU (device-independent), then moved back to ``model``'s device.
+    ``torch.manual_seed(seed)``, in float32 on the CPU (as modules are constructed), then cast to the
+    dtypes and devices of ``model``'s tensors (the draws do not depend on them).
 
     Raises :class:`ConfigurationError` naming modules that hold parameters but have no
     ``reset_parameters()`` (give ``initial_weights`` for such models).
@@ -154,11 +156,12 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
         raise ConfigurationError(
             f"init_seed cannot re-initialise modules without reset_parameters(): {missing}; give initial_weights."
         )
-    device = next(model.parameters()).device
-    net = copy.deepcopy(model).cpu()
+    fresh = copy.deepcopy(model).cpu().float()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for module in net.modules():
+        for module in fresh.modules():
             if callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
-    return net.to(device)
+    net = copy.deepcopy(model)
+    net.load_state_dict(fresh.state_dict())  # copies into net's tensors: their dtypes and devices
+    return net
