@@ -16,6 +16,7 @@ from lightning_fimoda.exceptions import ConfigurationError, MismatchError
 from lightning_fimoda.further_training import RetrainingConfig, epoch_permutation
 from lightning_fimoda.further_training.plan import TrainingPlan
 from lightning_fimoda.further_training.retraining import reinitialise
+from lightning_fimoda.further_training.verify import verify_run_dir
 from lightning_fimoda.zoo.models import MLP
 
 N, B, EPOCHS, LR = 23, 5, 3, 0.1
@@ -141,11 +142,14 @@ def test_resumes_after_interruption(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         loop(initial_weights=initial, chunk_size=2, run_dir=tmp_path).run(model, train, test, LOO)
     monkeypatch.setattr(TrainingPlan, "compute", compute)
+    half = verify_run_dir(tmp_path)  # `fimoda verify` reads a re-training run_dir as well
+    assert half.ok and half.units_ok == 2 and len(half.to_recompute) == 4
     resumed = loop(initial_weights=initial, chunk_size=2, run_dir=tmp_path)
     gold = resumed.run(model, train, test, LOO)
     assert resumed.info["units_loaded"] == 2 and resumed.info["units_computed"] == 4
     assert gold.equals(reference)
     assert torch.equal(gold.loo, reference.loo) and gold.config["kind"] == "retraining"
+    assert verify_run_dir(tmp_path).units_ok == 6
 
 
 def test_run_directories_never_mix_the_two_kinds(tmp_path):
