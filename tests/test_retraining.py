@@ -86,6 +86,8 @@ def test_equals_naive_retraining_loop(leave_out, engine):
 def test_default_leave_out_is_drop_and_final_weights_only_give_the_architecture():
     model, initial, train, test = problem()
     assert RetrainingConfig(lr=LR, epochs=1).leave_out == "drop"
+    cost = loop(initial_weights=initial).estimate(model, train, test, LOO)  # dry run, as further training's
+    assert (cost.runs, cost.steps_per_run, cost.measurements) == (2 * 6, EPOCHS * 5, 2 * 6 * EPOCHS * 4)
     gold = loop(initial_weights=initial).run(model, train, test, LOO)
     other = copy.deepcopy(model)
     with torch.no_grad():
