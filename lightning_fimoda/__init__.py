@@ -9,7 +9,7 @@ from .callback import FiMODACallback
 from .estimators.base import Estimator
 from .evaluation.report import AttributionReport
 from .functional import FunctionalTask
-from .further_training import CostEstimate, FurtherTrainingLoop
+from .further_training import CostEstimate, FurtherTrainingLoop, RetrainingLoop
 from .gold_standard import GoldStandard
 from .gradients import GradientCache, PerSampleGradients, per_sample_gradients
 from .registry import available_estimators, build_estimator, register_estimator
@@ -28,6 +28,7 @@ __all__ = [
     "GoldStandard",
     "GradientCache",
     "PerSampleGradients",
+    "RetrainingLoop",
     "SupervisedTask",
     "attribute",
     "available_estimators",

@@ -148,8 +148,8 @@ class FurtherTrainingConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         unknown = sorted(set(changes) - set(values))
         if unknown:
-            raise ConfigurationError(f"FurtherTrainingConfig has no settings {unknown}; valid: {sorted(values)}.")
-        return FurtherTrainingConfig(**{**values, **changes})
+            raise ConfigurationError(f"{type(self).__name__} has no settings {unknown}; valid: {sorted(values)}.")
+        return type(self)(**{**values, **changes})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings (the ``further_training`` entry of a gold standard's config)."""

@@ -80,6 +80,11 @@ class RunStore:
             self._create(record)
         stored = self.read_config()
         diff = differences(stored.get("fingerprint", {}), fingerprint)
+        kinds = [f.get("kind", "further-training") for f in (stored.get("fingerprint", {}), fingerprint)]
+        if kinds[0] != kinds[1]:  # re-training (kind "retraining") and further training never mix
+            raise MismatchError(
+                f"run_dir {str(self.root)!r} holds a {kinds[0]} job, not a {kinds[1]} one; use a new run_dir."
+            )
         if diff:
             raise MismatchError(
                 f"run_dir {str(self.root)!r} holds a further-training job with a different configuration "
