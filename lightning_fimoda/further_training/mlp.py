@@ -12,8 +12,9 @@ loss ``L_k = Σ_r w_{kr} ℓ(z_{kr}; θ_k)`` is computed with batched matrix pro
 
 Speed (``benchmarks/further_training.py``): the members are processed in chunks of ``c`` whose
 activations fit in a core's L2 cache, so the elementwise passes (bias, activation and its derivative,
-bias gradient) run from cache instead of memory; activations and their derivatives run in place;
-gradients are written straight into buffers reused from call to call.
+bias gradient) run from cache instead of memory (on CPU; one chunk on an accelerator); activations and
+their derivatives run in place; outputs, input gradients and parameter gradients are written into
+buffers reused from call to call; a layer with at most 8 outputs is computed as ``W aᵀ`` (faster there).
 
 The generic ``torch.func`` path stays the reference for every other model; both are tested against
 the sequential ``torch.optim`` oracle.
@@ -57,7 +58,8 @@ class _Block:
 class MLPKernel:
     """Batched loss gradients of ``K`` stacked copies of a supported MLP (see module docstring).
 
-    ``cache_bytes``: target size of one chunk's activation tensor ``[c, R, width]`` per thread (sets ``c``).
+    ``cache_bytes``: target size of one chunk's activation tensor ``[c, R, width]`` per CPU thread (sets
+    ``c``; on an accelerator all members form one chunk).
     """
 
     def __init__(
@@ -123,8 +125,9 @@ class MLPKernel:
         grads = self._grad_buffers(params)
         value = w.new_empty(k)
         x = x if x.dtype == w.dtype else x.to(w.dtype)
-        # each thread works from its own L2 cache
-        c = max(1, self.cache_bytes * torch.get_num_threads() // (r * self.width * w.element_size()))
+        c = k  # an accelerator: one chunk (each chunk costs kernel launches)
+        if x.device.type == "cpu":  # each thread works from its own L2 cache
+            c = max(1, self.cache_bytes * torch.get_num_threads() // (r * self.width * w.element_size()))
         for k0 in range(0, k, c):
             part = slice(k0, k0 + c)
             p = {n: t[part] for n, t in params.items()}
@@ -156,11 +159,7 @@ class MLPKernel:
             for module, t in reversed(acts):
                 _derivative(module, delta, t)
             weight = params[f"{block.name}.weight"]
-            grad = grads[f"{block.name}.weight"]
-            if block.inp < block.out:  # (aᵀ δ)ᵀ: the faster product for few inputs (then a small copy)
-                torch.bmm(a_in.mT, delta, out=grad.mT)
-            else:
-                torch.bmm(delta.mT, a_in, out=grad)
+            torch.bmm(delta.mT, a_in, out=grads[f"{block.name}.weight"])
             if block.bias:
                 torch.sum(delta, 1, out=grads[f"{block.name}.bias"])
             if i > 0 and self.blocks[i - 1].name is not None:
