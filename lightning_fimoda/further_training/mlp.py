@@ -40,11 +40,11 @@ _NARROW = 8
 
 @dataclass(frozen=True)
 class _Block:
-    """A ``nn.Linear`` (parameter-name prefix ``name``; ``None`` before the first Linear) and the
+    """A ``nn.Linear`` (its parameters' names; ``weight=None`` before the first Linear) and the
     elementwise activations that follow it, in order."""
 
-    name: str | None
-    bias: bool
+    weight: str | None
+    bias: str | None
     acts: tuple[nn.Module, ...]
     inp: int = 0
     out: int = 0
@@ -128,11 +128,10 @@ class MLPKernel:
         c = k  # an accelerator: one chunk (each chunk costs kernel launches)
         if x.device.type == "cpu":  # each thread works from its own L2 cache
             c = max(1, self.cache_bytes * torch.get_num_threads() // (r * self.width * w.element_size()))
+        work = self._workspace(min(c, k), r, x)
         for k0 in range(0, k, c):
             part = slice(k0, k0 + c)
-            p = {n: t[part] for n, t in params.items()}
-            g = {n: t[part] for n, t in grads.items()}
-            value[part] = self._chunk(p, g, x[part], y[part], w[part])
+            self._chunk(params, grads, part, (x[part], y[part], w[part]), work, value[part])
         return dict(grads), value
 
     def _grad_buffers(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -144,36 +143,48 @@ class MLPKernel:
         return {n: self._grads[n] for n in params}
 
     def _chunk(
-        self, params: dict[str, Tensor], grads: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor
-    ) -> Tensor:
-        """Fill ``grads`` (``[c, ...]`` views) for members ``x: [c, R, d_in]``; returns their losses ``[c]``."""
-        c, r = w.shape
-        work = self._workspace(c, r, x)
-        saved = self._forward(params, x, work)
+        self,
+        params: dict[str, Tensor],
+        grads: dict[str, Tensor],
+        part: slice,
+        batch: tuple[Tensor, Tensor, Tensor],
+        work: list[tuple[Tensor, Tensor]],
+        value: Tensor,
+    ) -> None:
+        """Members ``part`` (``c`` of them; ``batch``: their ``x [c, R, d_in]``, ``y``, ``w [c, R]``): fill
+        their rows of ``grads`` and their losses ``value [c]``."""
+        x, y, w = batch
+        c = w.shape[0]
+        saved = self._forward(params, part, x, work)
         ell, delta = self._loss_and_grad(saved[-1][2], y)
         delta.mul_(w.unsqueeze(-1))
+        torch.sum(ell.mul_(w), 1, out=value)
         for i in range(len(self.blocks) - 1, -1, -1):
             block, (a_in, acts, _) = self.blocks[i], saved[i]
-            if block.name is None:  # activations on the inputs: no parameters below
+            if block.weight is None:  # activations on the inputs: no parameters below
                 break
             for module, t in reversed(acts):
                 _derivative(module, delta, t)
-            weight = params[f"{block.name}.weight"]
-            torch.bmm(delta.mT, a_in, out=grads[f"{block.name}.weight"])
-            if block.bias:
-                torch.sum(delta, 1, out=grads[f"{block.name}.bias"])
-            if i > 0 and self.blocks[i - 1].name is not None:
-                delta = torch.bmm(delta, weight, out=work[i][1][:c])
-        return (ell * w).sum(1)
+            torch.bmm(delta.mT, a_in, out=grads[block.weight][part])
+            if block.bias is not None:
+                torch.sum(delta, 1, out=grads[block.bias][part])
+            if i > 0 and self.blocks[i - 1].weight is not None:
+                delta = torch.bmm(delta, params[block.weight][part], out=work[i][1][:c])
 
-    def _forward(self, params: dict[str, Tensor], x: Tensor, work: list) -> list[tuple[Tensor, list, Tensor]]:
+    def _forward(
+        self, params: dict[str, Tensor], part: slice, x: Tensor, work: list[tuple[Tensor, Tensor]]
+    ) -> list[tuple[Tensor, list, Tensor]]:
         """Per block: ``(input, [(activation, tensor its derivative needs)], output)``; outputs ``[c, R, width]``."""
         saved = []
         c, a = x.shape[0], x
         for block, (z, _) in zip(self.blocks, work):
-            a_in, fresh = a, block.name is not None  # fresh: this chunk's, saved by nothing: may go in place
-            if block.name is not None:
-                weight, bias = params[f"{block.name}.weight"], params.get(f"{block.name}.bias")
+            a_in, fresh = (
+                a,
+                block.weight is not None,
+            )  # fresh: this chunk's, saved by nothing: may go in place
+            if block.weight is not None:
+                weight = params[block.weight][part]
+                bias = params[block.bias][part] if block.bias is not None else None
                 z = z[:c]
                 if block.narrow:  # (W aᵀ + b)ᵀ: a few outputs per row, the faster product
                     a = _affine(weight, a.mT, bias, 2, z).mT
@@ -236,12 +247,11 @@ def _sequential_body(model: nn.Module) -> tuple[nn.Module | None, str]:
 
 def _blocks(body: nn.Module, prefix: str) -> list[_Block]:
     """``body``'s layers grouped as Linear + following activations (Identity and Dropout dropped)."""
-    blocks = [_Block(None, False, ())]
+    blocks = [_Block(None, None, ())]
     for name, module in body.named_children():
         if isinstance(module, nn.Linear):
-            blocks.append(
-                _Block(prefix + name, module.bias is not None, (), module.in_features, module.out_features)
-            )
+            bias = f"{prefix}{name}.bias" if module.bias is not None else None
+            blocks.append(_Block(f"{prefix}{name}.weight", bias, (), module.in_features, module.out_features))
         elif not isinstance(module, (nn.Identity, nn.Dropout)):
             blocks[-1] = dataclasses.replace(blocks[-1], acts=(*blocks[-1].acts, module))
     return blocks if blocks[0].acts else blocks[1:]
