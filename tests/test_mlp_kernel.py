@@ -14,6 +14,15 @@ from lightning_fimoda.further_training.mlp import MLPKernel
 K, R = 7, 5
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The kernel splits the members into chunks on one CPU thread only."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def oracle(model, loss, params, x, y, w):
     """``vmap(grad)`` of ``Σ_r w[k, r] ℓ(x[k, r], y[k, r])`` through the module itself."""
 

@@ -10,11 +10,12 @@ loss ``L_k = Σ_r w_{kr} ℓ(z_{kr}; θ_k)`` is computed with batched matrix pro
     backward  δ_L = w · ∂ℓ/∂o  (MSE: 2(o − y); cross-entropy: softmax(o) − onehot(y))
               ∇W_l = δ_lᵀ a_{l−1},  ∇b_l = Σ_r δ_l,  δ_{l−1} = (δ_l W_l) ⊙ σ'(z_{l−1})
 
-Speed (``benchmarks/further_training.py``): the members are processed in chunks of ``c`` whose
-activations fit in a core's L2 cache, so the elementwise passes (bias, activation and its derivative,
-bias gradient) run from cache instead of memory (on CPU; one chunk on an accelerator); activations and
-their derivatives run in place; outputs, input gradients and parameter gradients are written into
-buffers reused from call to call; a layer with at most 8 outputs is computed as ``W aᵀ`` (faster there).
+Speed (``benchmarks/further_training.py``): on one CPU thread the members are processed in chunks of
+``c`` whose activations fit in a core's L2 cache, so the elementwise passes (bias, activation and its
+derivative, bias gradient) run from cache instead of memory (with more threads, or on an accelerator,
+the many small operations cost more than they save: one chunk, measured); activations and their
+derivatives run in place; outputs, input gradients and parameter gradients are written into buffers
+reused from call to call; a layer with at most 8 outputs is computed as ``W aᵀ`` (faster there).
 
 The generic ``torch.func`` path stays the reference for every other model; both are tested against
 the sequential ``torch.optim`` oracle.
@@ -34,7 +35,7 @@ from ..task import AttributionTask, SupervisedTask
 __all__ = ["MLPKernel"]
 
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout)
-_CACHE_BYTES = 1 << 20  # one chunk's [c, R, width] activation per thread (c = 16 for Energy: measured best)
+_CACHE_BYTES = 1 << 20  # one chunk's [c, R, width] activation (c = 16 for Energy: measured best)
 _NARROW = 8
 
 
@@ -58,8 +59,8 @@ class _Block:
 class MLPKernel:
     """Batched loss gradients of ``K`` stacked copies of a supported MLP (see module docstring).
 
-    ``cache_bytes``: target size of one chunk's activation tensor ``[c, R, width]`` per CPU thread (sets
-    ``c``; on an accelerator all members form one chunk).
+    ``cache_bytes``: target size of one chunk's activation tensor ``[c, R, width]`` on one CPU thread (sets
+    ``c``; with several threads or on an accelerator, all members form one chunk).
     """
 
     def __init__(
@@ -125,9 +126,9 @@ class MLPKernel:
         grads = self._grad_buffers(params)
         value = w.new_empty(k)
         x = x if x.dtype == w.dtype else x.to(w.dtype)
-        c = k  # an accelerator: one chunk (each chunk costs kernel launches)
-        if x.device.type == "cpu":  # each thread works from its own L2 cache
-            c = max(1, self.cache_bytes * torch.get_num_threads() // (r * self.width * w.element_size()))
+        c = k  # one chunk on an accelerator (chunks cost launches) and on several threads (synchronisations)
+        if x.device.type == "cpu" and torch.get_num_threads() == 1:
+            c = max(1, self.cache_bytes // (r * self.width * w.element_size()))
         work = self._workspace(min(c, k), r, x)
         for k0 in range(0, k, c):
             part = slice(k0, k0 + c)
