@@ -4,10 +4,11 @@
 100 LOO instances plus the full run (101 runs), ``subtract``, a few epochs. Measured in one process,
 interleaved repeat by repeat (each timing is the median over ``--repeats``):
 
-- the machine's float32 matrix-multiply rate, two ways: a large square GEMM (``--square``-sized
-  ``torch.mm``, best of 5 per repeat): **the reference**, the machine's rate whatever the model; and a
-  GEMM of the kernel's shapes (``torch.bmm`` of 101 × [129×128]·[128×128], the hidden layer's forward,
-  95% of the FLOPs): the ceiling for this model's products;
+- the machine's float32 matrix-multiply rate, two ways (best of a few products into a preallocated
+  output, per repeat): a large square GEMM (``--square``-sized ``torch.mm``): **the reference**, the
+  machine's rate whatever the model; and a GEMM of the kernel's shapes (``torch.bmm`` of
+  101 × [129×128]·[128×128], the hidden layer's forward; the hidden layer is 95% of the FLOPs): the
+  ceiling for this model's products;
 - the vectorised engine with the hand-written MLP kernel (``engine="mlp"``, what ``"auto"`` picks), with
   SGD and with Adam;
 - the generic ``torch.func.vmap(grad)`` path (``engine="vectorised"``), SGD;
@@ -73,27 +74,23 @@ def timed(fn):
 
 
 def matmul_gflops(square: int, k: int, rows: int, width: int) -> dict[str, tuple[float, float]]:
-    """Float32 GEMM rates (GFLOP/s, on each clock), best of a few products.
+    """Float32 GEMM rates (GFLOP/s, on each clock), best of a few products into a preallocated output.
 
     ``square``: ``torch.mm`` of two ``square × square`` matrices (the reference);
     ``kernel_shape``: ``torch.bmm`` of ``k`` × ``[rows × width]·[width × width]`` (the MLP's hidden layer).
     """
     cases = {
-        "square": ((torch.randn(square, square), torch.randn(square, square)), torch.mm, 2 * square**3, 5),
-        "kernel_shape": (
-            (torch.randn(k, rows, width), torch.randn(k, width, width)),
-            torch.bmm,
-            2 * k * rows * width * width,
-            3,
-        ),
+        "square": (torch.mm, (square, square), (square, square), 2 * square**3, 5),
+        "kernel_shape": (torch.bmm, (k, rows, width), (k, width, width), 2 * k * rows * width * width, 3),
     }
     rates = {}
-    for name, (args, fn, flops, tries) in cases.items():
-        fn(*args)
+    for name, (fn, shape_a, shape_b, flops, tries) in cases.items():
+        a, b = torch.randn(shape_a), torch.randn(shape_b)
+        out = fn(a, b)
         best = [0.0, 0.0]
         for _ in range(tries):
-            _, *sec = timed(lambda fn=fn, args=args: fn(*args))
-            best = [max(b, flops / t / 1e9) for b, t in zip(best, sec)]
+            _, *sec = timed(lambda fn=fn, a=a, b=b, out=out: fn(a, b, out=out))
+            best = [max(r, flops / t / 1e9) for r, t in zip(best, sec)]
         rates[name] = (best[0], best[1])
     return rates
 
