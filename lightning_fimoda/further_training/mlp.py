@@ -1,13 +1,21 @@
 """Hand-written forward/backward for stacks of ``K`` MLPs: the engine's fast path on CPU.
 
-For ``nn.Sequential`` models (or modules naming their ``nn.Sequential`` body in ``fimoda_sequential``) made of ``nn.Linear`` layers and elementwise activations (ReLU, LeakyReLU,
-Tanh, Sigmoid, Identity; Dropout counts as identity in eval mode) with a :class:`SupervisedTask`, the
-gradient of each member's weighted loss ``L_k = Σ_r w_{kr} ℓ(z_{kr}; θ_k)`` is computed with batched
-matrix products (``torch.baddbmm`` / ``torch.bmm`` over the member axis) instead of ``vmap(grad)``:
+For ``nn.Sequential`` models (or modules naming their ``nn.Sequential`` body in ``fimoda_sequential``) made
+of ``nn.Linear`` layers and elementwise activations (ReLU, LeakyReLU, Tanh, Sigmoid, Identity; Dropout
+counts as identity in eval mode) with a :class:`SupervisedTask`, the gradient of each member's weighted
+loss ``L_k = Σ_r w_{kr} ℓ(z_{kr}; θ_k)`` is computed with batched matrix products over the member axis
+(``torch.baddbmm`` / ``torch.bmm``) instead of ``vmap(grad)``:
 
     forward   z_l = a_{l−1} W_lᵀ + b_l,  a_l = σ(z_l)                     [K, R, width]
     backward  δ_L = w · ∂ℓ/∂o  (MSE: 2(o − y); cross-entropy: softmax(o) − onehot(y))
               ∇W_l = δ_lᵀ a_{l−1},  ∇b_l = Σ_r δ_l,  δ_{l−1} = (δ_l W_l) ⊙ σ'(z_{l−1})
+
+Speed (``benchmarks/further_training.py``): on one CPU thread the members are processed in chunks of
+``c`` whose activations fit in a core's L2 cache, so the elementwise passes (bias, activation and its
+derivative, bias gradient) run from cache instead of memory (with more threads, or on an accelerator,
+the many small operations cost more than they save: one chunk, measured); activations and their
+derivatives run in place; outputs, input gradients and parameter gradients are written into buffers
+reused from call to call; a layer with at most 8 outputs is computed as ``W aᵀ`` (faster there).
 
 The generic ``torch.func`` path stays the reference for every other model; both are tested against
 the sequential ``torch.optim`` oracle.
@@ -15,6 +23,8 @@ the sequential ``torch.optim`` oracle.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,19 +35,48 @@ from ..task import AttributionTask, SupervisedTask
 __all__ = ["MLPKernel"]
 
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout)
+_CACHE_BYTES = 1 << 20  # one chunk's [c, R, width] activation (c = 16 for Energy: measured best)
+_NARROW = 8
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A ``nn.Linear`` (its parameters' names; ``weight=None`` before the first Linear) and the
+    elementwise activations that follow it, in order."""
+
+    weight: str | None
+    bias: str | None
+    acts: tuple[nn.Module, ...]
+    inp: int = 0
+    out: int = 0
+
+    @property
+    def narrow(self) -> bool:
+        """Few outputs per row: ``W aᵀ`` (``[c, out, R]``) is the faster product than ``a Wᵀ``."""
+        return self.out <= _NARROW
 
 
 class MLPKernel:
-    """Batched loss gradients of ``K`` stacked copies of a supported MLP (see module docstring)."""
+    """Batched loss gradients of ``K`` stacked copies of a supported MLP (see module docstring).
 
-    def __init__(self, model: nn.Module, task: AttributionTask, example: Any = None) -> None:
+    ``cache_bytes``: target size of one chunk's activation tensor ``[c, R, width]`` on one CPU thread (sets
+    ``c``; with several threads or on an accelerator, all members form one chunk).
+    """
+
+    def __init__(
+        self, model: nn.Module, task: AttributionTask, example: Any = None, cache_bytes: int = _CACHE_BYTES
+    ) -> None:
         reason = self.unsupported(model, task, example)
         if reason:
             raise ValueError(f"The 'mlp' engine cannot run this model: {reason}. Use engine='vectorised'.")
         self.loss = task.loss
         self.unpack = task.unpack  # batch -> (x [.., d_in], y): the task's layout, not the engine's
+        self.cache_bytes = cache_bytes
         body, prefix = _sequential_body(model)
-        self.layers: list[tuple[str, nn.Module]] = [(prefix + n, m) for n, m in body.named_children()]
+        self.blocks = _blocks(body, prefix)
+        self.width = max(max(b.inp, b.out) for b in self.blocks)
+        self._grads: dict[str, Tensor] = {}
+        self._work: dict[tuple, tuple[int, list[tuple[Tensor, Tensor]]]] = {}
 
     @staticmethod
     def unsupported(model: nn.Module, task: AttributionTask, example: Any = None) -> str | None:
@@ -77,48 +116,101 @@ class MLPKernel:
         """Gradients ``{name: [K, *shape]}`` and values ``[K]`` of ``L_k = Σ_r w[k, r] ℓ(x[k, r], y[k, r])``.
 
         ``x``: ``[K, R, d_in]`` inputs; ``y``: ``[K, R, ...]`` targets; ``w``: ``[K, R]`` row weights.
+        The gradient tensors are buffers of this kernel: the next call overwrites them.
         """
         if x.dim() != 3:
             raise ValueError(
                 f"The 'mlp' engine needs flat feature vectors per example, got inputs {tuple(x.shape)}."
             )
-        saved: list[tuple[str, nn.Module, Tensor | None]] = []  # (name, module, input to the layer)
-        a = x if x.dtype == w.dtype else x.to(w.dtype)
-        for name, module in self.layers:
-            if isinstance(module, nn.ReLU) and saved and isinstance(saved[-1][1], nn.Linear):
-                # in place on the Linear's fresh output, which nothing else keeps: ReLU's backward
-                # needs only its output
-                saved.append((name, module, None))
-                a = a.relu_()
-                continue
-            saved.append((name, module, a))
-            if isinstance(module, nn.Linear):
-                weight = params[f"{name}.weight"]
-                bias = params.get(f"{name}.bias")
-                a = (
-                    torch.bmm(a, weight.transpose(1, 2))
-                    if bias is None
-                    else torch.baddbmm(bias.unsqueeze(1), a, weight.transpose(1, 2))
-                )
-            else:
-                a = _forward(module, a)
-        out = a
-        ell, delta = self._loss_and_grad(out, y)
-        value = (ell * w).sum(1)
-        delta = delta * w.unsqueeze(-1)
-        grads: dict[str, Tensor] = {}
-        for i in range(len(saved) - 1, -1, -1):
-            name, module, a_in = saved[i]
-            if isinstance(module, nn.Linear):
-                grads[f"{name}.weight"] = torch.bmm(delta.transpose(1, 2), a_in)
-                if f"{name}.bias" in params:
-                    grads[f"{name}.bias"] = delta.sum(1)
-                if i > 0:
-                    delta = torch.bmm(delta, params[f"{name}.weight"])
-            else:
-                out_i = saved[i + 1][2] if i + 1 < len(saved) else out
-                delta = _backward(module, delta, a_in, out_i)
-        return {n: grads[n] for n in params}, value
+        k, r = w.shape
+        grads = self._grad_buffers(params)
+        value = w.new_empty(k)
+        x = x if x.dtype == w.dtype else x.to(w.dtype)
+        c = k  # one chunk on an accelerator (chunks cost launches) and on several threads (synchronisations)
+        if x.device.type == "cpu" and torch.get_num_threads() == 1:
+            c = max(1, self.cache_bytes // (r * self.width * w.element_size()))
+        work = self._workspace(min(c, k), r, x)
+        for k0 in range(0, k, c):
+            part = slice(k0, k0 + c)
+            self._chunk(params, grads, part, (x[part], y[part], w[part]), work, value[part])
+        return dict(grads), value
+
+    def _grad_buffers(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Gradient buffers shaped like ``params``, kept between calls (reallocated when they differ)."""
+        for n, p in params.items():
+            buf = self._grads.get(n)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                self._grads[n] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return {n: self._grads[n] for n in params}
+
+    def _chunk(
+        self,
+        params: dict[str, Tensor],
+        grads: dict[str, Tensor],
+        part: slice,
+        batch: tuple[Tensor, Tensor, Tensor],
+        work: list[tuple[Tensor, Tensor]],
+        value: Tensor,
+    ) -> None:
+        """Members ``part`` (``c`` of them; ``batch``: their ``x [c, R, d_in]``, ``y``, ``w [c, R]``): fill
+        their rows of ``grads`` and their losses ``value [c]``."""
+        x, y, w = batch
+        c = w.shape[0]
+        saved = self._forward(params, part, x, work)
+        ell, delta = self._loss_and_grad(saved[-1][2], y)
+        delta.mul_(w.unsqueeze(-1))
+        torch.sum(ell.mul_(w), 1, out=value)
+        for i in range(len(self.blocks) - 1, -1, -1):
+            block, (a_in, acts, _) = self.blocks[i], saved[i]
+            if block.weight is None:  # activations on the inputs: no parameters below
+                break
+            for module, t in reversed(acts):
+                _derivative(module, delta, t)
+            torch.bmm(delta.mT, a_in, out=grads[block.weight][part])
+            if block.bias is not None:
+                torch.sum(delta, 1, out=grads[block.bias][part])
+            if i > 0 and self.blocks[i - 1].weight is not None:
+                delta = torch.bmm(delta, params[block.weight][part], out=work[i][1][:c])
+
+    def _forward(
+        self, params: dict[str, Tensor], part: slice, x: Tensor, work: list[tuple[Tensor, Tensor]]
+    ) -> list[tuple[Tensor, list, Tensor]]:
+        """Per block: ``(input, [(activation, tensor its derivative needs)], output)``; outputs ``[c, R, width]``."""
+        saved = []
+        c, a = x.shape[0], x
+        for block, (z, _) in zip(self.blocks, work):
+            a_in, fresh = (
+                a,
+                block.weight is not None,
+            )  # fresh: this chunk's, saved by nothing: may go in place
+            if block.weight is not None:
+                weight = params[block.weight][part]
+                bias = params[block.bias][part] if block.bias is not None else None
+                z = z[:c]
+                if block.narrow:  # (W aᵀ + b)ᵀ: a few outputs per row, the faster product
+                    a = _affine(weight, a.mT, bias, 2, z).mT
+                else:
+                    a = _affine(a, weight.mT, bias, 1, z)
+            acts = []
+            for module in block.acts:
+                # the derivative needs the activation's output, except LeakyReLU's (its input)
+                if isinstance(module, nn.LeakyReLU):
+                    acts.append((module, a))
+                    a, fresh = torch.nn.functional.leaky_relu(a, module.negative_slope), True
+                else:
+                    a, fresh = _activation(module, a, inplace=fresh), False
+                    acts.append((module, a))
+            saved.append((a_in, acts, a))
+        return saved
+
+    def _workspace(self, c: int, r: int, like: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per block, reused buffers for its output ``[c, R, out]`` (``[c, out, R]`` when narrow) and
+        the loss gradient in its input ``[c, R, in]`` (kept between calls for the largest ``c``)."""
+        key = (r, like.dtype, like.device)
+        if key not in self._work or self._work[key][0] < c:
+            shapes = [((c, b.out, r) if b.narrow else (c, r, b.out), (c, r, b.inp)) for b in self.blocks]
+            self._work[key] = (c, [(like.new_empty(o), like.new_empty(i)) for o, i in shapes])
+        return self._work[key][1]
 
     def _loss_and_grad(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-row loss ``[K, R]`` and its gradient in the outputs ``[K, R, O]`` (SupervisedTask's losses)."""
@@ -129,7 +221,7 @@ class MLPKernel:
                 raise ValueError(
                     f"SupervisedTask(mse): outputs {tuple(out.shape)} and targets {tuple(y.shape)} differ."
                 )
-            return diff.pow(2).sum(-1), 2 * diff
+            return diff.pow(2).sum(-1), diff.mul_(2)
         labels = y.reshape(k, r).long()
         logp = out.log_softmax(-1)
         ell = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -154,22 +246,43 @@ def _sequential_body(model: nn.Module) -> tuple[nn.Module | None, str]:
     return None, ""
 
 
-def _forward(module: nn.Module, a: Tensor) -> Tensor:
-    if isinstance(module, (nn.Identity, nn.Dropout)):
-        return a
-    if isinstance(module, nn.ReLU):
-        return torch.relu(a)
-    return module(a)
+def _blocks(body: nn.Module, prefix: str) -> list[_Block]:
+    """``body``'s layers grouped as Linear + following activations (Identity and Dropout dropped)."""
+    blocks = [_Block(None, None, ())]
+    for name, module in body.named_children():
+        if isinstance(module, nn.Linear):
+            bias = f"{prefix}{name}.bias" if module.bias is not None else None
+            blocks.append(_Block(f"{prefix}{name}.weight", bias, (), module.in_features, module.out_features))
+        elif not isinstance(module, (nn.Identity, nn.Dropout)):
+            blocks[-1] = dataclasses.replace(blocks[-1], acts=(*blocks[-1].acts, module))
+    return blocks if blocks[0].acts else blocks[1:]
 
 
-def _backward(module: nn.Module, delta: Tensor, z: Tensor, a: Tensor) -> Tensor:
-    """``δ ⊙ σ'(z)`` for an activation with input ``z`` and output ``a`` (autograd's conventions at 0)."""
+def _affine(a: Tensor, b: Tensor, bias: Tensor | None, dim: int, out: Tensor) -> Tensor:
+    """``a @ b + bias.unsqueeze(dim)`` (batched) into ``out``."""
+    if bias is None:
+        return torch.bmm(a, b, out=out)
+    return torch.baddbmm(bias.unsqueeze(dim), a, b, out=out)
+
+
+def _activation(module: nn.Module, a: Tensor, inplace: bool) -> Tensor:
+    """``σ(a)`` for ReLU, Tanh or Sigmoid, in place on ``a`` when ``inplace``."""
     if isinstance(module, nn.ReLU):
-        return torch.ops.aten.threshold_backward(delta, a, 0)
-    if isinstance(module, nn.LeakyReLU):
-        return torch.ops.aten.leaky_relu_backward(delta, z, module.negative_slope, False)
+        return a.relu_() if inplace else a.relu()
     if isinstance(module, nn.Tanh):
-        return torch.ops.aten.tanh_backward(delta, a)
-    if isinstance(module, nn.Sigmoid):
-        return torch.ops.aten.sigmoid_backward(delta, a)
-    return delta
+        return a.tanh_() if inplace else a.tanh()
+    return a.sigmoid_() if inplace else a.sigmoid()
+
+
+def _derivative(module: nn.Module, delta: Tensor, t: Tensor) -> None:
+    """``δ ← δ ⊙ σ'``, in place, from the activation's output ``t`` (its input for LeakyReLU);
+    autograd's conventions at 0."""
+    aten = torch.ops.aten
+    if isinstance(module, nn.ReLU):
+        aten.threshold_backward.grad_input(delta, t, 0, grad_input=delta)
+    elif isinstance(module, nn.LeakyReLU):
+        aten.leaky_relu_backward.grad_input(delta, t, module.negative_slope, False, grad_input=delta)
+    elif isinstance(module, nn.Tanh):
+        aten.tanh_backward.grad_input(delta, t, grad_input=delta)
+    else:
+        aten.sigmoid_backward.grad_input(delta, t, grad_input=delta)

@@ -106,8 +106,9 @@ class StackedOptimizer:
             exp_avg, exp_avg_sq = state["exp_avg"][n], state["exp_avg_sq"][n]
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
-            p.sub_(exp_avg.div(denom).mul_(step_size.to(p.dtype).view(shape)))
+            # torch.optim's operations in its order, in place on one scratch tensor
+            denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
+            p.sub_(torch.div(exp_avg, denom, out=denom).mul_(step_size.to(p.dtype).view(shape)))
 
 
 def clip_grad_norm(grads: Stacked, max_norm: float) -> Stacked:

@@ -1,0 +1,111 @@
+"""The hand-written MLP kernel (further_training/mlp.py) against torch.func gradients of the same
+weighted losses, with the members split over several cache-sized chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from lightning_fimoda import SupervisedTask
+from lightning_fimoda.further_training.mlp import MLPKernel
+
+K, R = 7, 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The kernel splits the members into chunks on one CPU thread only."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def oracle(model, loss, params, x, y, w):
+    """``vmap(grad)`` of ``Σ_r w[k, r] ℓ(x[k, r], y[k, r])`` through the module itself."""
+
+    def weighted(p, xk, yk, wk):
+        out = functional_call(model, p, (xk,))
+        if loss == "mse":
+            ell = (out - yk).pow(2).sum(-1)
+        else:
+            ell = nn.functional.cross_entropy(out, yk, reduction="none")
+        return (ell * wk).sum()
+
+    return vmap(grad_and_value(weighted))(params, x, y, w)
+
+
+def stacked(model):
+    """Per-member parameters: ``K`` slightly different copies of ``model``'s."""
+    gen = torch.Generator().manual_seed(1)
+    return {
+        n: p.detach() + 0.1 * torch.randn(K, *p.shape, generator=gen, dtype=p.dtype)
+        for n, p in model.named_parameters()
+    }
+
+
+MODELS = {
+    "relu-mse": (
+        lambda: nn.Sequential(nn.Linear(3, 9), nn.ReLU(), nn.Linear(9, 9), nn.ReLU(), nn.Linear(9, 1)),
+        "mse",
+    ),
+    # activations on the inputs, two in a row (the first one's output must survive the second), a
+    # narrow hidden layer, no bias, a wide output
+    "mixed-ce": (
+        lambda: nn.Sequential(
+            nn.Tanh(),
+            nn.Linear(3, 12),
+            nn.Sigmoid(),
+            nn.Tanh(),
+            nn.Linear(12, 2),
+            nn.LeakyReLU(0.2),
+            nn.Sigmoid(),
+            nn.Dropout(0.5),
+            nn.Linear(2, 11, bias=False),
+        ),
+        "cross_entropy",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(
+    "cache_bytes", [1, 300, 1 << 20], ids=["one-member-chunks", "chunks-of-2", "one-chunk"]
+)
+def test_kernel_matches_torch_func(name, cache_bytes):
+    build, loss = MODELS[name]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    params = stacked(model)
+    x = torch.randn(K, R, 3, dtype=torch.float64)
+    y = torch.randn(K, R, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, 11, (K, R))
+    w = torch.rand(K, R, dtype=torch.float64) - 0.2  # negative weights too (subtract's z_j row)
+    kernel = MLPKernel(model, SupervisedTask(loss), cache_bytes=cache_bytes)
+    want_g, want_v = oracle(model, loss, params, x, y, w)
+    for _ in range(2):  # the second call reuses the kernel's buffers
+        got_g, got_v = kernel.grad_and_value(params, x, y, w)
+        torch.testing.assert_close(got_v, want_v, rtol=1e-12, atol=1e-12)
+        assert list(got_g) == list(params)
+        for n in params:
+            torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-10, atol=1e-12)
+    assert max(float(g.abs().max()) for g in want_g.values()) > 1e-3
+
+
+def test_kernel_chunks_follow_the_cache_budget_and_the_last_short_batch():
+    """Several batch lengths in a row (the epoch's short last batch) and chunk sizes that do not divide K."""
+    build, _ = MODELS["relu-mse"]
+    torch.manual_seed(0)
+    model = build().double()
+    params = stacked(model)
+    kernel = MLPKernel(model, SupervisedTask("mse"), cache_bytes=3 * R * 9 * 8)  # 3 members per chunk
+    for rows in (R, 2, R):
+        x = torch.randn(K, rows, 3, dtype=torch.float64)
+        y = torch.randn(K, rows, 1, dtype=torch.float64)
+        w = torch.full((K, rows), 1.0 / rows, dtype=torch.float64)
+        got_g, got_v = kernel.grad_and_value(params, x, y, w)
+        want_g, want_v = oracle(model, "mse", params, x, y, w)
+        torch.testing.assert_close(got_v, want_v, rtol=1e-12, atol=1e-12)
+        for n in params:
+            torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-10, atol=1e-12)
