@@ -375,7 +375,7 @@ class FiMODACallback(Callback):
 
 @contextlib.contextmanager
 def _barrier_after(trainer: Trainer | None) -> Iterator[None]:
-    """Other ranks wait for rank 0's estimators and report, also when rank 0 fails (it then raises)."""
+    """Other ranks wait for rank 0's report, also when rank 0 fails (it then raises)."""
     try:
         yield
     finally:

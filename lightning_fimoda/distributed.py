@@ -5,8 +5,8 @@ Inside an initialised process group (a Lightning ``Trainer(strategy="ddp")``, or
 rank takes one contiguous shard of the training examples (:func:`shard_range`) and the partial
 results are combined so that every rank ends with the same numbers:
 
-- :func:`sum_over_ranks`: the ranks' partial sums, gathered and added in rank order on every rank, so
-  all ranks hold bitwise the same result whatever the backend's reduction order;
+- :func:`sum_over_ranks`: the ranks' partial sums, added on rank 0 and sent to every rank, so all ranks
+  hold bitwise the same result (solvers then take the same steps on every rank), in memory of one sum;
 - :func:`merge_rows`: rows filled by the rank that owns them and zero elsewhere, summed (exact).
 
 Every collective must be reached by every rank: call ``attribute()`` / ``run_estimators`` on all
@@ -63,15 +63,13 @@ def shard_range(n: int) -> tuple[int, int]:
 
 
 def sum_over_ranks(partial: Tensor) -> Tensor:
-    """``Σ_r partial_r`` over the ranks, added in rank order (the same bits on every rank)."""
-    world = rank_and_world()[1]
-    if world == 1:
+    """``Σ_r partial_r`` over the ranks (reduced on rank 0, then sent to all: the same bits on every
+    rank, so every rank's solver takes the same steps). May reuse ``partial``'s memory."""
+    if rank_and_world()[1] == 1:
         return partial
-    parts = [torch.empty_like(partial) for _ in range(world)]
-    dist.all_gather(parts, partial.contiguous())
-    total = parts[0]
-    for part in parts[1:]:
-        total.add_(part)
+    total = partial.contiguous()
+    dist.reduce(total, dst=0)
+    dist.broadcast(total, src=0)
     return total
 
 

@@ -21,6 +21,8 @@ from torch.utils.data import Dataset
 
 from lightning_fimoda import SupervisedTask, attribute
 from lightning_fimoda.distributed import single_process
+from lightning_fimoda.pipeline import run_estimators
+from lightning_fimoda.score_store import ScoreStore
 
 N_TRAIN, N_TEST = 24, 5
 SMALL_BUDGET = 20_000  # bytes: the training gradients [24, 67] float64 (12.9 KB) do not fit its resident half
@@ -83,6 +85,13 @@ def _has_kronfluence() -> bool:
     return True
 
 
+def _stored_twice(store: ScoreStore) -> tuple[list[bool], torch.Tensor, bool]:
+    """Run grad_dot twice with a score store: (reused flags, the second scores, whether the store was written)."""
+    model, task, train, test = _problem()
+    runs = [run_estimators(model, task, train, test, ["grad_dot"], store=store)[0] for _ in range(2)]
+    return [run.reused for run in runs], runs[1].scores, store.directory.exists()
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -94,6 +103,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             out["local"] = _scores(SMALL_BUDGET, LOCAL)
         if _has_kronfluence():
             out["ekfac"] = _scores(None, ["ekfac"])
+        out["store"] = _stored_twice(ScoreStore(os.path.join(out_dir, f"store{rank}")))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -143,3 +153,10 @@ def test_ekfac_over_gloo_equals_one_process(two_ranks):
         scores, train = two_ranks[rank]["ekfac"]
         assert train.loaded == set(range(N_TRAIN))
         assert torch.allclose(scores["ekfac"], single["ekfac"], rtol=1e-10, atol=0)
+
+
+def test_only_rank_zero_writes_the_score_store_and_every_rank_reuses_it(two_ranks):
+    (reused0, scores0, wrote0), (reused1, scores1, wrote1) = two_ranks[0]["store"], two_ranks[1]["store"]
+    assert wrote0 and not wrote1  # each rank was given its own folder: rank 1 wrote nothing
+    assert reused0 == reused1 == [False, True]  # rank 0 read the saved scores and sent them to rank 1
+    assert torch.equal(scores0, scores1)
