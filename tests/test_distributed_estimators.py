@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lightning_fimoda import SupervisedTask, attribute
+from lightning_fimoda._files import WorkDir
 from lightning_fimoda.distributed import single_process
 from lightning_fimoda.pipeline import run_estimators
 from lightning_fimoda.score_store import ScoreStore
@@ -104,6 +105,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         if _has_kronfluence():
             out["ekfac"] = _scores(None, ["ekfac"])
         out["store"] = _stored_twice(ScoreStore(os.path.join(out_dir, f"store{rank}")))
+        if _has_kronfluence():  # the directory kronfluence's own DDP mode shares between ranks
+            from lightning_fimoda.estimators._kronfluence_runtime import shared_workdir
+
+            workdir = WorkDir()
+            out["workdir"] = (str(shared_workdir(workdir, workdir, "kf", None, True)), workdir._cleanup is not None)
+            dist.barrier()
+            workdir.release()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -153,6 +161,8 @@ def test_ekfac_over_gloo_equals_one_process(two_ranks):
         scores, train = two_ranks[rank]["ekfac"]
         assert train.loaded == set(range(N_TRAIN))
         assert torch.allclose(scores["ekfac"], single["ekfac"], rtol=1e-10, atol=0)
+    (path0, owns0), (path1, owns1) = two_ranks[0]["workdir"], two_ranks[1]["workdir"]
+    assert path0 == path1 and owns0 and not owns1  # kronfluence's DDP mode: rank 0's directory, rank 0 removes it
 
 
 def test_only_rank_zero_writes_the_score_store_and_every_rank_reuses_it(two_ranks):
