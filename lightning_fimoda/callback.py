@@ -24,8 +24,9 @@ What happens in ``setup()`` (before training; cheap) and at ``on_fit_end`` (or o
    storing finished units under ``<output_dir>/gold/``;
 3. the estimators run on every process, splitting their sums over training examples over the ranks
    (:mod:`~lightning_fimoda.distributed`; the report's ``ranks`` says how many took part); the report,
-   figures and logging are made on global rank 0 only; each estimator's scores are saved (by rank 0) under ``<output_dir>/estimators/`` as soon as they exist and reused by a rerun with the
-   same settings, weights and indices (:mod:`~lightning_fimoda.score_store`); an estimator that fails
+   figures and logging are made on global rank 0 only; each estimator's scores are saved (by rank 0)
+   under ``<output_dir>/estimators/`` as soon as they exist and reused by a rerun with the same
+   settings, weights and indices (:mod:`~lightning_fimoda.score_store`); an estimator that fails
    is reported (in the report and on the console) while the others and the gold standard are kept;
 4. the module is used in eval mode on the strategy's root device; its training flags, ``requires_grad``
    flags, parameter and buffer values (and ``.grad``), device, and the torch (CPU and CUDA), numpy and

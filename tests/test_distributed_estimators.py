@@ -104,6 +104,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             out["local"] = _scores(SMALL_BUDGET, LOCAL)
         if _has_kronfluence():
             out["ekfac"] = _scores(None, ["ekfac"])
+        model, task, train, test = _problem()  # one test example: rank 0's shard of it is empty
+        out["one_test"] = attribute(model, task, train, test, LOCAL, test_indices=[2], memory_budget=SMALL_BUDGET)
         out["store"] = _stored_twice(ScoreStore(os.path.join(out_dir, f"store{rank}")))
         if _has_kronfluence():  # the directory kronfluence's own DDP mode shares between ranks
             from lightning_fimoda.estimators._kronfluence_runtime import shared_workdir
@@ -150,6 +152,13 @@ def test_single_process_inside_a_group_uses_every_example(two_ranks):
         assert train.loaded == set(range(N_TRAIN))
         for label in ("grad_dot", "cg"):
             assert torch.allclose(scores[label], single[label], rtol=1e-12, atol=0), label
+
+
+def test_a_rank_with_an_empty_shard(two_ranks):
+    single, _ = _scores(SMALL_BUDGET, LOCAL)
+    for rank in (0, 1):
+        for label, full in single.items():
+            assert torch.allclose(two_ranks[rank]["one_test"][label], full[2:3], rtol=1e-9, atol=0), label
 
 
 @pytest.mark.skipif(not _has_kronfluence(), reason="kronfluence is not installed")
