@@ -22,9 +22,11 @@ What happens in ``setup()`` (before training; cheap) and at ``on_fit_end`` (or o
    estimator's ``check`` and the gold loop's ``check`` — a bad setting fails before training;
 2. the gold standard (``FurtherTrainingLoop``) runs on every process (it shards its work under DDP),
    storing finished units under ``<output_dir>/gold/``;
-3. the estimators, the report, figures and logging run on global rank 0 only; each estimator's scores
-   are saved under ``<output_dir>/estimators/`` as soon as they exist and reused by a rerun with the
-   same settings, weights and indices (:mod:`~lightning_fimoda.score_store`); an estimator that fails
+3. the estimators run on every process, splitting their sums over training examples over the ranks
+   (:mod:`~lightning_fimoda.distributed`; the report's ``ranks`` says how many took part); the report,
+   figures and logging are made on global rank 0 only; each estimator's scores are saved (by rank 0)
+   under ``<output_dir>/estimators/`` as soon as they exist and reused by a rerun with the same
+   settings, weights and indices (:mod:`~lightning_fimoda.score_store`); an estimator that fails
    is reported (in the report and on the console) while the others and the gold standard are kept;
 4. the module is used in eval mode on the strategy's root device; its training flags, ``requires_grad``
    flags, parameter and buffer values (and ``.grad``), device, and the torch (CPU and CUDA), numpy and
@@ -66,6 +68,7 @@ from ._lightning import find_datasets, preserved_state
 from ._output import check_writable, clear_previous_report
 from ._progress import StageLog
 from ._quiet import quiet_attribution
+from .distributed import rank_and_world
 from .estimators.base import Estimator
 from .evaluation.report import AttributionReport, library_versions
 from .evaluation.tensorboard import log_report
@@ -231,12 +234,13 @@ class FiMODACallback(Callback):
         with quiet_attribution(), _barrier_after(trainer), preserved_state(module), torch.enable_grad():
             module.to(device)
             gold, gold_seconds = self._run_gold(plan, module, is_zero)
+            runs = run_estimators(  # on every rank: they split the sums over training examples
+                module, plan.task, plan.train_ds, plan.test_ds, self.estimators, plan.train_idx, plan.test_idx,
+                share_gradients=self.share_gradients, measure_memory=True, memory_budget=self.memory_budget,
+                progress=self.progress if is_zero else False, store=ScoreStore(plan.directory / "estimators"),
+                keep_going=True,
+            )
             if is_zero:
-                runs = run_estimators(
-                    module, plan.task, plan.train_ds, plan.test_ds, self.estimators, plan.train_idx, plan.test_idx,
-                    share_gradients=self.share_gradients, measure_memory=True, memory_budget=self.memory_budget,
-                    progress=self.progress, store=ScoreStore(plan.directory / "estimators"), keep_going=True,
-                )
                 facts = self._info(module, plan, trainer, device, gold_seconds, info)
                 report = self._make_report(plan, runs, gold, facts, device)
                 self._publish(report, trainer, plan.directory)
@@ -323,6 +327,7 @@ class FiMODACallback(Callback):
             "test_dataset_size": dataset_length(plan.test_ds, "test"),
             "device": str(device),
             "gradients_shared_between_estimators": self.share_gradients,
+            "ranks": rank_and_world()[1],
         }
         if trainer is not None:
             info["trained_epochs"] = trainer.current_epoch
@@ -371,7 +376,7 @@ class FiMODACallback(Callback):
 
 @contextlib.contextmanager
 def _barrier_after(trainer: Trainer | None) -> Iterator[None]:
-    """Other ranks wait for rank 0's estimators and report, also when rank 0 fails (it then raises)."""
+    """Other ranks wait for rank 0's report, also when rank 0 fails (it then raises)."""
     try:
         yield
     finally:

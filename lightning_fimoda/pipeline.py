@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._data import model_device_dtype, resolve_indices
 from ._progress import StageLog, show_bars
+from .distributed import broadcast_from_zero, rank_and_world
 from .estimators.base import Estimator
 from .exceptions import ConfigurationError, FiMODAError
 from .functional import eval_mode
@@ -147,6 +148,10 @@ def run_estimators(
     fingerprint matches (see :mod:`~lightning_fimoda.score_store`). ``keep_going=True``: a failing
     estimator is returned with ``error`` set (and printed) instead of stopping the others.
     ``progress``: ``None`` = bars in a terminal, one line per estimator otherwise (see ``_progress``).
+
+    In a ``torch.distributed`` process group, call this on every rank with the same arguments: the
+    estimators' sums over training examples are split over the ranks and every rank returns the same
+    scores (see :mod:`~lightning_fimoda.distributed`); only rank 0 reads and writes ``store``.
     """
     if cache is not None and not share_gradients:
         raise ConfigurationError("cache= is a shared gradient cache; it cannot be used with share_gradients=False.")
@@ -168,15 +173,22 @@ def run_estimators(
     with eval_mode(model):
         for est in built:
             key = fingerprint(est, experiment) if experiment is not None else ""
-            run = store.load(est.label, key) if store is not None else None
+            run = _stored(store, est.label, key)
             if run is None:
                 run = _attempt(est, keep_going, model, task, train_dataset, test_dataset, train_idx, test_idx,
                                shared if shared is not None else new_cache(), measure_memory)
-                if store is not None and run.ok:
+                if store is not None and run.ok and rank_and_world()[0] == 0:
                     store.save(run, key)
             stages.finished(est.label, run.seconds, "failed" if not run.ok else "reused" if run.reused else "")
             runs.append(run)
     return runs
+
+
+def _stored(store: ScoreStore | None, label: str, key: str) -> EstimatorRun | None:
+    """The saved run of ``label`` when its fingerprint matches, read by rank 0 and sent to every rank."""
+    if store is None:
+        return None
+    return broadcast_from_zero(store.load(label, key) if rank_and_world()[0] == 0 else None)
 
 
 def _attempt(est: Estimator, keep_going: bool, *args: Any) -> EstimatorRun:

@@ -1,4 +1,4 @@
-"""FiMODACallback under DDP (2 CPU processes, gloo): gold standard sharded, report on rank 0 only."""
+"""FiMODACallback under DDP (2 CPU processes, gloo): gold standard and estimators split, report on rank 0 only."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def test_ddp_two_processes_report_equals_single_process_computation(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RANK 0 REPORT True" in proc.stdout and "RANK 1 REPORT False" in proc.stdout
     report = AttributionReport.load(tmp_path / "fimoda")
+    assert report.info["ranks"] == 2 and "- ranks: 2" in (tmp_path / "fimoda" / "report.md").read_text()
 
     # the same numbers from the saved final model, in this single process
     model = TinyRegressor()

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
+from ..distributed import sum_floats
 from ..exceptions import ConfigurationError
 from ..functional import Params, eval_mode
 from ..task import AttributionTask
@@ -81,7 +82,8 @@ class GaussNewton(CurvatureType):
         """The factor of all ``n`` examples when it fits the budget, else ``None``.
 
         A forward pass first counts the factor rows (output-Hessian eigenvalues that are not zero), so
-        the factor is allocated once, at its exact size, and only when that size fits the budget.
+        the factor is allocated once, at its exact size, and only when that size fits the budget. A split
+        operator's factor holds the rows of this rank's examples (``owner``: positions among all ``n``).
         """
         if self._factor is False:
             return None
@@ -90,7 +92,10 @@ class GaussNewton(CurvatureType):
             with eval_mode(op.fn.model):
                 spectra = [_output_spectrum(op, batch) for batch in batches]
                 num_rows = sum(int(keep.sum()) for _, _, keep in spectra)
-                if num_rows * op.num_params * op.dtype.itemsize > op.jacobian_budget:
+                too_big = num_rows * op.num_params * op.dtype.itemsize > op.jacobian_budget
+                if op.split:  # every rank takes the same path: the factor only if each rank's part fits
+                    too_big = sum_floats([float(too_big)], op.device)[0] > 0
+                if too_big:
                     self._factor = False
                     return None
                 factor = _GaussNewtonFactor(
@@ -99,7 +104,7 @@ class GaussNewton(CurvatureType):
                     torch.empty(num_rows, dtype=torch.long, device=op.device),
                     op.n,
                 )
-                filled, start = 0, 0
+                filled, start = 0, op.shard[0]
                 for batch, spectrum in zip(batches, spectra):
                     filled = _fill_factor(op, factor, filled, batch, spectrum, start)
                     start += spectrum[2].shape[0]

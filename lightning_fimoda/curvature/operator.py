@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.func import grad
 
 from .._data import iter_batches, model_device_dtype, resolve_indices
+from ..distributed import rank_and_world, shard_range, sum_over_ranks
 from ..exceptions import ConfigurationError
 from ..functional import FunctionalTask, eval_mode
 from .types import CurvatureType, curvature_type
@@ -43,6 +44,10 @@ class CurvatureOperator:
             collated batches are loaded once, on the model's device, and kept for later products.
         jacobian_budget: bytes the cached Gauss-Newton factor rows may take (``0``: always
             matrix-free).
+        split: in a ``torch.distributed`` process group, each rank sums over its contiguous shard of
+            the examples (:attr:`shard`) and the products are added over the ranks (every rank gets
+            the same result; every rank must then make the same products). The cached factor and
+            :meth:`batches` then hold this rank's examples only.
 
     Attributes:
         n: number of examples averaged over; ``num_params``: ``P``; ``hessian``: the canonical name.
@@ -59,6 +64,7 @@ class CurvatureOperator:
         batch_size: int = 512,
         jacobian_budget: int = DEFAULT_JACOBIAN_BUDGET,
         kind: CurvatureType | None = None,
+        split: bool = False,
     ) -> None:
         damping = float(damping)
         if not damping >= 0.0 or damping == float("inf"):
@@ -74,6 +80,7 @@ class CurvatureOperator:
         self.batch_size = int(batch_size)
         self.jacobian_budget = int(jacobian_budget)
         self.device, self.dtype = model_device_dtype(fn.model)
+        self.split = bool(split) and rank_and_world()[1] > 1
         self._batches: list[Any] | None = None
 
     @property
@@ -83,6 +90,11 @@ class CurvatureOperator:
     @property
     def num_params(self) -> int:
         return self.fn.num_params
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """Positions ``[lo, hi)`` of the examples this process sums over (all of them unless split)."""
+        return shard_range(self.n) if self.split else (0, self.n)
 
     @property
     def positive_semidefinite(self) -> bool:
@@ -110,7 +122,7 @@ class CurvatureOperator:
     def _like(self, indices: Tensor, damping: float, batch_size: int, kind: CurvatureType) -> CurvatureOperator:
         return CurvatureOperator(
             self.fn, self.dataset, indices, damping=damping, batch_size=batch_size,
-            jacobian_budget=self.jacobian_budget, kind=kind,
+            jacobian_budget=self.jacobian_budget, kind=kind, split=self.split,
         )
 
     def gauss_newton_factor(self) -> Any:
@@ -134,7 +146,7 @@ class CurvatureOperator:
                 f"Vectors must have shape [P] or [k, P] with P = {self.num_params}, got {tuple(v.shape)}."
             )
         rows = rows.to(device=self.device, dtype=self.dtype)
-        total = self.kind.product(self, rows) / self.n
+        total = self._summed(self.kind.product(self, rows)) / self.n
         return total[0] if single else total
 
     def dense(self, chunk: int = 256) -> Tensor:
@@ -153,14 +165,20 @@ class CurvatureOperator:
             for batch in self.batches():
                 g = grad(lambda p, b=batch: self.fn.loss(p, b).sum())(params)
                 total += self.fn.flatten(g)
-        return total / self.n
+        return self._summed(total) / self.n
+
+    def _summed(self, partial: Tensor) -> Tensor:
+        """A sum over this process's examples, added over the ranks when split."""
+        return sum_over_ranks(partial) if self.split else partial
 
     def batches(self) -> list[Any]:
-        """The collated batches of the operator's examples, on the model's device (loaded once)."""
+        """The collated batches of the operator's examples (this rank's shard when split), on the model's
+        device (loaded once)."""
         if self._batches is None:
+            lo, hi = self.shard
             self._batches = [
                 batch for _, batch in iter_batches(
-                    self.fn.task, self.dataset, self.indices, self.batch_size, self.device
+                    self.fn.task, self.dataset, self.indices[lo:hi], self.batch_size, self.device
                 )
             ]
         return self._batches

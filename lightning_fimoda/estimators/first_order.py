@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..gradients import streamed_products
+from ..gradients import streamed_cosines, streamed_products
 from ..registry import register_estimator
 from .base import Estimator
 from .config import ProjectionConfig
@@ -55,14 +55,7 @@ class GradCos(Estimator):
 
     def _score(self, test_dataset: Any, test_indices: Tensor) -> Tensor:
         unit_test = _unit_rows(self.test_matrix(test_dataset, test_indices))  # [T, P']
-        dots = unit_test.new_empty(self._train.n, unit_test.shape[0])
-        norms = unit_test.new_empty(self._train.n)
-        for pos, chunk in self._train:
-            pos = pos.to(dots.device)
-            dots[pos] = chunk @ unit_test.T
-            norms[pos] = chunk.norm(dim=1)
-        tiny = torch.finfo(dots.dtype).tiny
-        return torch.where(norms[:, None] > 0, dots / norms.clamp_min(tiny)[:, None], torch.zeros_like(dots)).T
+        return streamed_cosines(self._train, unit_test.T).T
 
 
 def _unit_rows(x: Tensor) -> Tensor:

@@ -136,7 +136,7 @@ class InfluenceFunction(Estimator):
         fn = FunctionalTask(self.model_, self.task_, self.params)
         self.operator_ = CurvatureOperator(
             fn, self.train_dataset_, None, hessian=cfg.hessian, damping=lam, batch_size=cfg.chunk_size,
-            jacobian_budget=self._jacobian_budget(),
+            jacobian_budget=self._jacobian_budget(), split=True,  # split over the ranks of a process group
         )
         self.info["curvature_products"] = self.operator_.products
         self.solver.fit(self.operator_)

@@ -33,19 +33,18 @@ every fit works in a fresh directory (a private temporary one, removed with the 
 subdirectory of the user's ``output_dir``), with ``overwrite_output_dir=True``. It tracks only
 ``nn.Linear`` and ``nn.Conv2d``: other selected parameters are ignored with a warning; nothing to
 track is an error. Its ``release_memory`` (a full ``gc.collect()`` and ``torch.compiler.reset()``,
-about ten times per fit) is replaced while it runs for us (see :func:`_light_memory_release`).
-Float64 models are analysed in float64.
+about ten times per fit) is replaced while it runs for us (see :mod:`._kronfluence_runtime`).
+Float64 models are analysed in float64. Under ``torch.distributed`` kronfluence's own DDP support splits
+factor fitting and scoring over the ranks when it applies (CUDA with ``LOCAL_RANK``; see
+:mod:`._kronfluence_runtime`); otherwise every rank computes the same factors itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
-import os
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -58,10 +57,12 @@ from .._data import model_device_dtype
 from .._files import WorkDir
 from .._quiet import library_output
 from ..curvature import checked_output_hessian
+from ..distributed import broadcast_from_zero, rank_and_world
 from ..exceptions import ConfigurationError, NotFittedError
 from ..functional import select_parameters
 from ..registry import register_estimator
 from ..task import AttributionTask, SupervisedTask
+from ._kronfluence_runtime import kronfluence_distributed, light_memory_release, shared_workdir
 from ._library import library_errors, library_module
 from .base import Estimator
 from .config import EstimatorConfig
@@ -112,18 +113,6 @@ def kronfluence_tracked_modules(
     return modules, ignored
 
 
-def _kronfluence_state_on(device: torch.device, name: str) -> None:
-    """kronfluence keeps one process-wide device, fixed by its first ``Analyzer``: reset it when this model
-    is elsewhere (a CPU run, then a CUDA one), except under its own torchrun set-up (``LOCAL_RANK``)."""
-    state_module = library_module("kronfluence.utils.state", name)
-    state = state_module.State._shared_state
-    if not state or os.environ.get("LOCAL_RANK") is not None or state.get("device") == device:
-        return
-    state_module.State._reset_state()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-
 class _FisherSampler:
     """Pseudo-loss whose gradient has covariance ``Jᵀ ∇²_o ℓ J`` (the Gauss-Newton matrix) per example."""
 
@@ -145,40 +134,6 @@ class _FisherSampler:
         noise = torch.randn(detached.shape, generator=gen, dtype=detached.dtype).to(detached.device)
         v = torch.einsum("bij,bj->bi", root, noise)
         return (outputs * v).sum()
-
-
-_RELEASE_MEMORY_USERS = (
-    "kronfluence.computer.computer",
-    "kronfluence.factor.eigen",
-    "kronfluence.score.dot_product",
-    "kronfluence.score.self",
-)
-
-
-@contextlib.contextmanager
-def _light_memory_release(cuda: bool) -> Iterator[None]:
-    """Replace kronfluence's ``release_memory`` while it runs for us.
-
-    Called about ten times per fit and score, it runs a full ``gc.collect()`` (seconds in a large
-    process) and ``torch.compiler.reset()``, which discards the user's compiled graphs. Ours frees the
-    CUDA cache (after collecting garbage) on GPU and does nothing on CPU.
-    """
-    import importlib
-
-    def release() -> None:
-        if cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-
-    modules = [importlib.import_module(name) for name in _RELEASE_MEMORY_USERS]
-    originals = [m.release_memory for m in modules]
-    for m in modules:
-        m.release_memory = release
-    try:
-        yield
-    finally:
-        for m, original in zip(modules, originals):
-            m.release_memory = original
 
 
 def _make_kronfluence_task(
@@ -266,7 +221,9 @@ class _Kronfluence(Estimator):
         device, dtype = model_device_dtype(self.model_)
         self._dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._cuda = device.type == "cuda"
-        workdir = self._workdir.new(self, self.name, self.config.output_dir)
+        with library_errors(self.label, "kronfluence"):
+            self._distributed = kronfluence_distributed(device, self.name)
+        workdir = shared_workdir(self._workdir, self, self.name, self.config.output_dir, self._distributed)
         try:
             model_copy = copy.deepcopy(self.model_)
         except Exception as err:  # noqa: BLE001 - re-raised with context
@@ -277,9 +234,8 @@ class _Kronfluence(Estimator):
         sampler = _FisherSampler(self.task_, self.config.seed)
         kf_task = _make_kronfluence_task(self.task_, kf_modules, sampler)
         with library_errors(self.label, "kronfluence"), library_output("kronfluence"), \
-                _light_memory_release(device.type == "cuda"):
+                light_memory_release(device.type == "cuda"):
             prepared = analyzer.prepare_model(model_copy, kf_task)
-            _kronfluence_state_on(device, self.name)
             self._analyzer = analyzer.Analyzer(
                 analysis_name="fimoda",
                 model=prepared,
@@ -353,7 +309,7 @@ class _Kronfluence(Estimator):
         self._n_scores += 1
         name = f"scores{self._n_scores}"
         with library_errors(self.label, "kronfluence"), library_output("kronfluence"), \
-                _light_memory_release(self._cuda):
+                light_memory_release(self._cuda):
             self._analyzer.compute_pairwise_scores(
                 scores_name=name,
                 factors_name="factors",
@@ -367,13 +323,20 @@ class _Kronfluence(Estimator):
                 score_args=score_args,
                 overwrite_output_dir=True,
             )
-            loaded = self._analyzer.load_pairwise_scores(name)
-        if loaded is None:
+        raw = self._read_scores(name)
+        if raw is None:
             raise RuntimeError(f"{self.label}: kronfluence produced no pairwise scores.")
-        raw = loaded["all_modules"].detach().to("cpu", copy=True)
-        if self.config.output_dir is None:
-            shutil.rmtree(self._analyzer.scores_output_dir(name), ignore_errors=True)
         return raw / len(self.train_dataset_)
+
+    def _read_scores(self, name: str) -> Tensor | None:
+        """The pairwise scores kronfluence saved (read by rank 0 and sent to every rank when distributed)."""
+        raw = None
+        if not self._distributed or rank_and_world()[0] == 0:
+            loaded = self._analyzer.load_pairwise_scores(name)
+            raw = None if loaded is None else loaded["all_modules"].detach().to("cpu", copy=True)
+            if self.config.output_dir is None:
+                shutil.rmtree(self._analyzer.scores_output_dir(name), ignore_errors=True)
+        return broadcast_from_zero(raw) if self._distributed else raw
 
 
 @register_estimator("ekfac")

@@ -4,7 +4,9 @@ Estimators ask :meth:`GradientCache.stream` for a :class:`GradientStream` and co
 (see :mod:`~lightning_fimoda.gradients.streaming`). A set whose ``[N, P']`` matrix fits the resident
 half of the budget is computed once and served from memory (``"resident"``); a larger one is
 recomputed on every pass over it (``"recomputed"``), one chunk at a time. ``cache.info`` records the
-resolved budget and, per gradient set, which of the two it was.
+resolved budget and, per gradient set, which of the two it was. In a ``torch.distributed`` process
+group each rank computes its contiguous shard of a resident set (the rows are then merged, so every rank
+holds the whole set) and streams its shard of a recomputed one (:meth:`GradientStream.local`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._data import model_device_dtype
+from ..distributed import merge_rows, rank_and_world, shard_range
 from ..exceptions import ConfigurationError
 from ..functional import FunctionalTask, Params
 from ..projection import Projector
@@ -38,21 +41,27 @@ class GradientStream:
     """Re-iterable per-example gradients: each ``for positions, chunk in stream`` is one pass.
 
     ``positions`` ``[c]`` index rows ``0 .. n-1`` (in ``indices`` order); ``chunk`` is ``[c, P']``
-    with ``P' = projection.dim`` when projected, else the selected parameter count.
+    with ``P' = projection.dim`` when projected, else the selected parameter count. Iterating gives
+    every row; :meth:`local` gives this rank's contiguous shard only (all rows with one process), for
+    sums split over the ranks of a process group (:mod:`lightning_fimoda.distributed`).
 
     Attributes:
         n: number of examples; indices: ``[n]`` their dataset indices.
         layout: parameter columns (unprojected streams only, else ``None``).
         storage: ``"resident"`` (served from memory) or ``"recomputed"`` (computed on every pass).
-        passes: passes made so far.
+        passes: passes made so far. device, dtype: of the chunks.
+        shard: ``(lo, hi)``, this rank's rows; sharded: whether other ranks hold the other rows.
     """
 
     def __init__(self, indices: Tensor, layout: ParameterLayout, width: int, source: Any, storage: str,
-                 projected: bool) -> None:
+                 projected: bool, device: torch.device, dtype: torch.dtype) -> None:
         self.indices, self.n, self.width = indices, indices.numel(), width
         self.layout = None if projected else layout
         self._layout = layout
         self._source, self.storage, self.passes = source, storage, 0
+        self.device, self.dtype = torch.device(device), dtype
+        self.shard = shard_range(self.n)
+        self.sharded = rank_and_world()[1] > 1
 
     @property
     def num_params(self) -> int:
@@ -66,28 +75,36 @@ class GradientStream:
         return self.layout.layer_slices()
 
     def collect(self) -> Tensor:
-        """All rows as one ``[n, P']`` matrix: the stored one when resident, else assembled in one pass."""
+        """All rows as one ``[n, P']`` matrix: the stored one when resident, else assembled in one pass
+        (each rank computing its shard)."""
         if isinstance(self._source, Tensor):
             return self._source
-        out = None
-        for pos, chunk in self:
-            if out is None:
-                out = chunk.new_empty(self.n, self.width)
+        out = torch.zeros(self.n, self.width, dtype=self.dtype, device=self.device)
+        for pos, chunk in self.local():
             out[pos.to(out.device)] = chunk
-        return out
+        return merge_rows(out) if self.sharded else out
 
     def held(self) -> GradientStream:
         """This stream with its rows held in memory (one pass to collect them when recomputed)."""
         if isinstance(self._source, Tensor):
             return self
-        return GradientStream(self.indices, self._layout, self.width, self.collect(), "resident", self.layout is None)
+        return GradientStream(self.indices, self._layout, self.width, self.collect(), "resident",
+                              self.layout is None, self.device, self.dtype)
+
+    def local(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass over this rank's rows ``shard`` only."""
+        return self._rows(*self.shard)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self._rows(0, self.n)
+
+    def _rows(self, lo: int, hi: int) -> Iterator[tuple[Tensor, Tensor]]:
         self.passes += 1
+        if hi <= lo:
+            return iter(())
         if isinstance(self._source, Tensor):
-            yield torch.arange(self.n), self._source
-        else:
-            yield from self._source()
+            return iter([(torch.arange(lo, hi), self._source if hi - lo == self.n else self._source[lo:hi])])
+        return self._source(lo, hi)
 
 
 class GradientCache:
@@ -171,10 +188,7 @@ class GradientCache:
                     f"do not fit the memory budget ({_mib(self.resolve(device))}, half for resident sets, "
                     f"{_mib(self.resident_bytes())} held): stream them with GradientCache.stream()."
                 )
-            self._store[key] = per_sample_gradients(
-                model, task, dataset, indices, kind=kind, params=params, progress=self.progress, what=what,
-                chunk_size=self.chunk_rows(num, itemsize(dtype), device),
-            )
+            self._store[key] = self._computed(model, task, dataset, indices, kind, params, what)
             self._kept(key, model, task, dataset, what, kind, "resident", self._store[key].flat)
         return self._store[key]  # type: ignore[return-value]
 
@@ -199,27 +213,46 @@ class GradientCache:
         fits = key is not None and (key in self._store or self.fits(indices.numel(), width, nbytes, device))
         if fits and projection is None:
             flat = self.get(model, task, dataset, indices, kind=kind, params=params, what=what).flat
-            return GradientStream(indices, layout, width, flat, "resident", False)
+            return GradientStream(indices, layout, width, flat, "resident", False, device, dtype)
 
         rows = self.chunk_rows(fn.num_params, nbytes, device)
 
-        def recompute() -> Iterator[tuple[Tensor, Tensor]]:
+        def recompute(lo: int, hi: int) -> Iterator[tuple[Tensor, Tensor]]:
             chunks = gradient_chunks(
-                model, task, dataset, indices, kind=kind, params=params, at=at, progress=self.progress,
+                model, task, dataset, indices[lo:hi], kind=kind, params=params, at=at, progress=self.progress,
                 chunk_size=rows, what=what,
             )
             for pos, chunk in chunks:
-                yield pos, (chunk if projection is None else projection.project(chunk))
+                yield pos + lo, (chunk if projection is None else projection.project(chunk))
 
-        if fits:  # a projected set that fits: computed once, kept
+        projected = projection is not None
+        if fits:  # a projected set that fits: computed once (each rank its shard), kept
             if key not in self._store:
-                out = GradientStream(indices, layout, width, recompute, "resident", True).collect()
+                out = GradientStream(indices, layout, width, recompute, "resident", True, device, dtype).collect()
                 self._store[key] = out
                 self._kept(key, model, task, dataset, what, kind, "resident", out)
-            return GradientStream(indices, layout, width, self._store[key], "resident", True)
+            return GradientStream(indices, layout, width, self._store[key], "resident", True, device, dtype)
         self._record(what, kind, "recomputed", indices.numel(), width, projection)
         self.info["gradient_sets"][_set_name(what, kind, projection)]["chunk_rows"] = rows
-        return GradientStream(indices, layout, width, recompute, "recomputed", projection is not None)
+        return GradientStream(indices, layout, width, recompute, "recomputed", projected, device, dtype)
+
+    def _computed(self, model: nn.Module, task: AttributionTask, dataset: Any, indices: Tensor, kind: Kind,
+                  params: Sequence[str] | None, what: str) -> PerSampleGradients:
+        """The full ``[N, P]`` set; in a process group each rank computes its shard and the rows are merged."""
+        device, dtype = model_device_dtype(model)
+        fn = FunctionalTask(model, task, params)
+        options = dict(kind=kind, params=params, progress=self.progress, what=what,
+                       chunk_size=self.chunk_rows(fn.num_params, itemsize(dtype), device))
+        if rank_and_world()[1] == 1:
+            return per_sample_gradients(model, task, dataset, indices, **options)
+        flat = torch.zeros(indices.numel(), fn.num_params, dtype=dtype, device=device)
+        lo, hi = shard_range(indices.numel())
+        if hi > lo:
+            for pos, rows in gradient_chunks(model, task, dataset, indices[lo:hi], **options):
+                start = lo + int(pos[0])
+                flat[start : start + rows.shape[0]] = rows
+        return PerSampleGradients(flat=merge_rows(flat), names=tuple(fn.names),
+                                  shapes=tuple(fn.shapes[n] for n in fn.names), indices=indices)
 
     def clear(self) -> None:
         self._store.clear()

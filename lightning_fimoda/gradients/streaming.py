@@ -6,6 +6,10 @@ operands and the result; the result equals the unchunked expression up to float 
 Row ``i`` of ``G`` is ``g_i``; per-layer column ranges come from ``stream.layer_slices()``.
 Resident operands are moved to the stream's device (once, at the first chunk), and results live there:
 a CUDA stream with CPU operands gives CUDA results.
+
+In a ``torch.distributed`` process group each rank passes over its shard of the rows only
+(:meth:`GradientStream.local`); sums over rows are added over the ranks and per-row results merged
+(:mod:`lightning_fimoda.distributed`), so every rank returns the same result.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ..distributed import merge_rows, sum_floats, sum_over_ranks
 from ..exceptions import ConfigurationError
 
 __all__ = [
+    "streamed_cosines",
     "streamed_fisher_products",
     "streamed_gram",
     "streamed_layer_accumulate",
@@ -38,58 +44,99 @@ def _rows(stream: Chunks) -> int:
     return int(n)
 
 
+def _local(stream: Chunks) -> Iterable[tuple[Tensor, Tensor]]:
+    """This rank's chunks: a stream's shard in a process group (every chunk otherwise)."""
+    local = getattr(stream, "local", None)
+    return local() if local is not None else stream
+
+
+def _sharded(stream: Chunks) -> bool:
+    return bool(getattr(stream, "sharded", False))
+
+
+def _device(stream: Chunks, operand: Tensor) -> torch.device:
+    return getattr(stream, "device", operand.device)
+
+
 def _resident(operand: Tensor, chunk: Tensor) -> Tensor:
     """``operand`` on the device of the stream's chunks (no copy when it is there already)."""
     return operand if operand.device == chunk.device else operand.to(chunk.device)
 
 
+def _summed(stream: Chunks, partial: Tensor) -> Tensor:
+    """A sum over the stream's rows: the ranks' partial sums added when the stream is sharded."""
+    return sum_over_ranks(partial) if _sharded(stream) else partial
+
+
+def _merged(stream: Chunks, rows: Tensor) -> Tensor:
+    """Per-row results: every rank's rows merged when the stream is sharded."""
+    return merge_rows(rows) if _sharded(stream) else rows
+
+
 def streamed_products(stream: Chunks, right: Tensor) -> Tensor:
     """``G @ right``: ``[N, k]`` for ``right`` ``[P', k]`` (e.g. test gradients or solved vectors, transposed)."""
-    n, out = _rows(stream), None
-    for pos, chunk in stream:
+    right = right.to(_device(stream, right))
+    out = right.new_zeros(_rows(stream), right.shape[1])
+    for pos, chunk in _local(stream):
         right = _resident(right, chunk)
-        if out is None:
-            out = torch.empty(n, right.shape[1], dtype=right.dtype, device=chunk.device)
+        out = _resident(out, chunk)
         out[pos.to(out.device)] = chunk @ right
-    return out
+    return _merged(stream, out)
+
+
+def streamed_cosines(stream: Chunks, unit_right: Tensor) -> Tensor:
+    """``(g_i · u) / ‖g_i‖`` (0 for a zero ``g_i``): ``[N, k]`` for unit columns ``unit_right`` ``[P', k]``."""
+    unit_right = unit_right.to(_device(stream, unit_right))
+    out = unit_right.new_zeros(_rows(stream), unit_right.shape[1])
+    tiny = torch.finfo(out.dtype).tiny
+    for pos, chunk in _local(stream):
+        unit_right, out = _resident(unit_right, chunk), _resident(out, chunk)
+        dots, norms = chunk @ unit_right, chunk.norm(dim=1)[:, None]
+        out[pos.to(out.device)] = torch.where(norms > 0, dots / norms.clamp_min(tiny), torch.zeros_like(dots))
+    return _merged(stream, out)
 
 
 def streamed_transposed_products(stream: Chunks, left: Tensor) -> Tensor:
     """``Gᵀ @ left``: ``[P', k]`` for ``left`` ``[N, k]`` (``left = 1/n``: the mean gradient)."""
-    out = None
-    for pos, chunk in stream:
+    left = left.to(_device(stream, left))
+    out = left.new_zeros(stream.width, left.shape[1]) if _sharded(stream) else None
+    for pos, chunk in _local(stream):
         left = _resident(left, chunk)
         part = chunk.T @ left[pos.to(left.device)]
         out = part if out is None else out.add_(part)
-    return out
+    return _summed(stream, out)
 
 
 def streamed_fisher_products(stream: Chunks, vectors: Tensor) -> Tensor:
     """``Σ_i (v·g_i) g_i`` for each row ``v`` of ``vectors`` ``[k, P']``: ``[k, P'] = V Gᵀ G`` (not divided by N)."""
-    out = None
-    for _, chunk in stream:
-        vectors = _resident(vectors, chunk)
-        out = torch.zeros_like(vectors) if out is None else out
+    vectors = vectors.to(_device(stream, vectors))
+    out = torch.zeros_like(vectors)
+    for _, chunk in _local(stream):
+        vectors, out = _resident(vectors, chunk), _resident(out, chunk)
         out.addmm_(vectors @ chunk.T, chunk)
-    return out
+    return _summed(stream, out)
 
 
 def streamed_sq_norms(stream: Chunks) -> Tensor:
     """``‖g_i‖²`` for every row: ``[N]``."""
     out = None
-    for pos, chunk in stream:
+    for pos, chunk in _local(stream):
         if out is None:
-            out = torch.empty(_rows(stream), dtype=chunk.dtype, device=chunk.device)
+            out = chunk.new_zeros(_rows(stream))
         out[pos.to(out.device)] = chunk.pow(2).sum(dim=1)
-    return out
+    if out is None and _sharded(stream):
+        out = torch.zeros(_rows(stream), dtype=stream.dtype, device=stream.device)
+    return _merged(stream, out)
 
 
 def streamed_mean_square(stream: Chunks) -> float:
     """``mean_{i,p} g_{ip}²``, the mean squared entry (``λ_G`` of SPEC §3)."""
     total, count = 0.0, 0
-    for _, chunk in stream:
+    for _, chunk in _local(stream):
         total += chunk.pow(2).sum().item()
         count += chunk.numel()
+    if _sharded(stream):
+        total, count = sum_floats([total, count], stream.device)
     return total / count
 
 
@@ -98,10 +145,13 @@ def streamed_layer_mean_square(stream: Chunks, slices: Mapping[str, slice] | Non
     slices = slices if slices is not None else stream.layer_slices()  # type: ignore[attr-defined]
     sums = dict.fromkeys(slices, 0.0)
     rows = 0
-    for _, chunk in stream:
+    for _, chunk in _local(stream):
         rows += chunk.shape[0]
         for name, sl in slices.items():
             sums[name] += chunk[:, sl].pow(2).sum().item()
+    if _sharded(stream):
+        *totals, rows = sum_floats([*sums.values(), rows], stream.device)
+        sums = dict(zip(sums, totals))
     return {name: sums[name] / (rows * (sl.stop - sl.start)) for name, sl in slices.items()}
 
 
@@ -126,15 +176,15 @@ def streamed_layer_accumulate(stream: Chunks, left: Tensor, damping: Mapping[str
     training-side one.
     """
     slices = _layer_items(stream, damping)
-    out = None
-    for _, chunk in stream:
-        left = _resident(left, chunk)
-        out = torch.zeros_like(left) if out is None else out
+    left = left.to(_device(stream, left))
+    out = torch.zeros_like(left)
+    for _, chunk in _local(stream):
+        left, out = _resident(left, chunk), _resident(out, chunk)
         for name, sl in slices.items():
             g = chunk[:, sl]
             coef = (left[:, sl] @ g.T) * _damped_weights(g, damping[name])  # [a, c]
             out[:, sl].addmm_(coef, g)
-    return out
+    return _summed(stream, out)
 
 
 def streamed_gram(
@@ -146,12 +196,12 @@ def streamed_gram(
     :func:`streamed_layer_accumulate`.
     """
     slices = _layer_items(stream, damping)
-    out = None
-    for _, chunk in stream:
+    left, right = left.to(_device(stream, left)), right.to(_device(stream, right))
+    out = {name: left.new_zeros(left.shape[0], right.shape[0]) for name in slices}
+    for _, chunk in _local(stream):
         left, right = _resident(left, chunk), _resident(right, chunk)
-        out = {name: left.new_zeros(left.shape[0], right.shape[0]) for name in slices} if out is None else out
         for name, sl in slices.items():
             g = chunk[:, sl]
             coef = (left[:, sl] @ g.T) * _damped_weights(g, damping[name])  # [a, c]
-            out[name].addmm_(coef, g @ right[:, sl].T)
-    return out
+            out[name] = _resident(out[name], chunk).addmm_(coef, g @ right[:, sl].T)
+    return {name: _summed(stream, part) for name, part in out.items()}
