@@ -45,7 +45,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 $(BENCH_STAMP): pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BENCH_VENV)/bin/pip install -q -e '.[dev,bench]'
+	$(BENCH_VENV)/bin/pip install -q -e '.[dev,bench,kronfluence,trak]'
 	$(BENCH_VENV)/bin/pip install -q --no-deps pydvl==0.10.0
 	touch $(BENCH_STAMP)
 

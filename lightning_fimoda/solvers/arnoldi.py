@@ -43,17 +43,16 @@ def lanczos(
     else:
         gen = torch.Generator().manual_seed(int(seed))
         q = torch.randn(num_params, generator=gen, dtype=dtype).to(device)
-    q = q / q.norm()
-    basis: list[Tensor] = []
+    basis = q.new_empty(steps, num_params)  # rows written in place: no re-stacking of the basis per step
+    basis[0] = q / q.norm()
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     scale = q.new_zeros(())
-    for _ in range(steps):
-        basis.append(q)
+    for k in range(steps):
+        q, q_mat = basis[k], basis[: k + 1]
         w = matvec(q)
         alpha = q @ w
         alphas.append(alpha)
-        q_mat = torch.stack(basis)
         for _pass in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
             w = w - (q_mat @ w) @ q_mat
         beta = w.norm()
@@ -62,8 +61,10 @@ def lanczos(
             betas.append(beta.new_zeros(()))
             break
         betas.append(beta)
-        q = w / beta
-    return torch.stack(alphas), torch.stack(betas), torch.stack(basis)
+        if k + 1 < steps:
+            basis[k + 1] = w / beta
+    m = len(alphas)
+    return torch.stack(alphas), torch.stack(betas), basis if m == steps else basis[:m].clone()
 
 
 def ritz_pairs(alphas: Tensor, betas: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
