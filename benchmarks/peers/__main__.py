@@ -30,6 +30,7 @@ DISTRIBUTIONS = {"dattri": "dattri", "pyDVL": "pydvl", "captum": "captum", "kron
 # Which peer has which method (issue 17's list); anything else is not offered and gets no row.
 OFFERED = {
     "grad_dot": ["dattri", "captum", "kronfluence"],
+    "grad_dot (Linear/Conv2d params)": ["kronfluence"],  # equal work where kronfluence skips layers
     "grad_cos": ["dattri"],
     **{f"{m} ({h})": ["dattri", "pyDVL"] for m in ("explicit", "cg", "lissa") for h in ("exact", "GN")},
     "arnoldi (exact)": ["dattri", "pyDVL", "captum"],
@@ -59,7 +60,9 @@ def method_rows(p: problems.Problem, method: str, repeats: int, deadline: float)
     p = replace(p, damping=factor * p.lambda_g) if factor else p
     for name in OFFERED[method]:
         mod = PEERS[name]
-        if _version(DISTRIBUTIONS[name]) == "not installed":
+        if method.startswith("grad_dot (") and "tracked_params" not in p.settings:
+            reasons[name] = "same as grad_dot: kronfluence tracks every layer of this model"
+        elif _version(DISTRIBUTIONS[name]) == "not installed":
             reasons[name] = f"{name} not installed (make bench-peers installs it)"
         elif method in getattr(mod, "UNSUPPORTED", {}):
             reasons[name] = mod.UNSUPPORTED[method]

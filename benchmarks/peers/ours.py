@@ -41,6 +41,8 @@ def _influence(name: str, hessian: str) -> Callable[[Problem], dict]:
 # method key -> our estimator spec for a problem
 METHODS: dict[str, Callable[[Problem], dict]] = {
     "grad_dot": lambda p: {"name": "grad_dot"},
+    # kronfluence tracks nn.Linear / nn.Conv2d only: the same parameters on our side (equal work)
+    "grad_dot (Linear/Conv2d params)": lambda p: {"name": "grad_dot", "params": p.settings["tracked_params"]},
     "grad_cos": lambda p: {"name": "grad_cos"},
     "explicit (exact)": _influence("explicit", "exact"),
     "explicit (GN)": _influence("explicit", "gauss_newton"),

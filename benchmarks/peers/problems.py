@@ -166,5 +166,6 @@ def cifar(quick: bool, n_train: int = 2000, n_test: int = 20) -> Problem:
                 "lissa_scale": 50.0, "proj_dim": 128 if quick else min(1024, n_train // 2),
                 "explicit_params": ["fc.weight"], "ekfac_modules": ["fc"], "ekfac_params": ["fc.weight"],
                 "tests_for": {"lissa (exact)": 5, "lissa (GN)": 5, "cg (exact)": 5, "cg (GN)": 5},
-                "captum_tracin_max_train": 200}
+                "captum_tracin_max_train": 200,
+                "tracked_params": [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]}
     return _finish("cifar", model, "cross_entropy", train, test, note, settings)
