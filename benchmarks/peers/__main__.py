@@ -102,7 +102,8 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 3)
     deadline = time.monotonic() + args.budget
     print(f"torch {torch.__version__}, threads torch.get_num_threads()={torch.get_num_threads()} "
-          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), repeats={repeats}")
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), repeats={repeats}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print("peers: " + ", ".join(f"{k} {_version(v)}" for k, v in DISTRIBUTIONS.items()))
     print("load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
     rows: list[Row] = []
