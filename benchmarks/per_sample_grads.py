@@ -10,6 +10,12 @@ PyTorch can back large allocations with 2 MiB transparent huge pages instead
 loop in two child processes, one per allocator setting, each comparing engine and loop side by side.
 
     .venv/bin/python benchmarks/per_sample_grads.py
+
+A second table (issue 17) measures how the engine flattens vmap's per-parameter gradients into the
+``[N, P]`` rows, interleaved (A B C D A B C D …), medians of CPU time (``process_time``, one thread)
+and wall time: ``torch.cat(..., out=rows)`` into the preallocated matrix (what the engine does), one
+``copy_`` per parameter into views of the same buffer, ``vmap(grad)`` of a function of one flat ``[P]``
+parameter vector (the rows come out flat, no concatenation), and ``vmap(grad)`` alone (the floor).
 """
 
 from __future__ import annotations
@@ -17,18 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.func import grad, vmap
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import median_seconds  # noqa: E402
 
-from lightning_fimoda import SupervisedTask, per_sample_gradients  # noqa: E402
+from lightning_fimoda import FunctionalTask, SupervisedTask, per_sample_gradients  # noqa: E402
 
 SETTINGS = {"default allocator": "0", "THP_MEM_ALLOC_ENABLE=1": "1"}
 
@@ -59,6 +68,51 @@ def measure(n: int, repeats: int) -> dict:
     }
 
 
+def flattening_variants(n: int) -> dict:
+    """The four ways of producing ``[n, P]`` rows (see the module docstring), each a callable."""
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 8), torch.randn(n)
+    model = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1)).eval()
+    fn = FunctionalTask(model, SupervisedTask("mse"))
+    single, values, names = fn.single("per_example_loss"), dict(fn.params), fn.names
+    flat0 = fn.flatten(values)
+    cols = dict(zip(names, torch.tensor([0] + [values[k].numel() for k in names]).cumsum(0).tolist()))
+    per_param = vmap(grad(single), in_dims=(None, 0))
+    per_flat = vmap(grad(lambda theta, ex: single(fn.unflatten(theta), ex)), in_dims=(None, 0))
+
+    def cat_into_buffer():
+        out, g = torch.empty(n, flat0.numel()), per_param(values, (x, y))
+        return torch.cat([g[k].reshape(n, -1) for k in names], dim=1, out=out)
+
+    def copy_into_views():
+        out, g = torch.empty(n, flat0.numel()), per_param(values, (x, y))
+        for k in names:
+            out[:, cols[k] : cols[k] + values[k].numel()].view(n, *values[k].shape).copy_(g[k])
+        return out
+
+    variants = {"torch.cat into the preallocated [N, P] (engine)": cat_into_buffer,
+                "copy_ per parameter into views of [N, P]": copy_into_views,
+                "vmap(grad) over one flat [P] parameter": lambda: per_flat(flat0, (x, y)),
+                "vmap(grad) alone, no [N, P] (floor)": lambda: per_param(values, (x, y))}
+    reference = cat_into_buffer()
+    torch.testing.assert_close(copy_into_views(), reference, rtol=0, atol=0)
+    torch.testing.assert_close(per_flat(flat0, (x, y)), reference, rtol=1e-5, atol=1e-6)
+    return variants
+
+
+def measure_flattening(n: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Interleaved medians ``(CPU s, wall s)`` of each flattening variant (one warm-up round)."""
+    variants = flattening_variants(n)
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for round_ in range(repeats + 1):
+        for name, fn in variants.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            fn()
+            if round_:
+                times[name].append((time.process_time() - cpu, time.perf_counter() - wall))
+    return {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=927)
@@ -83,6 +137,13 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['loop']:.4f} | {r['engine']:.4f} | {r['loop'] / r['engine']:.1f}x |")
+
+    print(f"\nflattening per-parameter gradients into [{args.n}, {p}] rows, interleaved, median of "
+          f"{args.repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| way | CPU s | wall s |")
+    print("|---|---|---|")
+    for name, (cpu, wall) in measure_flattening(args.n, args.repeats).items():
+        print(f"| {name} | {cpu:.4f} | {wall:.4f} |")
 
 
 if __name__ == "__main__":

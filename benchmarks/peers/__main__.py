@@ -16,6 +16,7 @@ import argparse
 import importlib.metadata as md
 import os
 import time
+from dataclasses import replace
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's per-batch progress bars (read when tqdm loads)
 
@@ -29,6 +30,7 @@ DISTRIBUTIONS = {"dattri": "dattri", "pyDVL": "pydvl", "captum": "captum", "kron
 # Which peer has which method (issue 17's list); anything else is not offered and gets no row.
 OFFERED = {
     "grad_dot": ["dattri", "captum", "kronfluence"],
+    "grad_dot (Linear/Conv2d params)": ["kronfluence"],  # equal work where kronfluence skips layers
     "grad_cos": ["dattri"],
     **{f"{m} ({h})": ["dattri", "pyDVL"] for m in ("explicit", "cg", "lissa") for h in ("exact", "GN")},
     "arnoldi (exact)": ["dattri", "pyDVL", "captum"],
@@ -39,7 +41,6 @@ OFFERED = {
 
 # Where the mathematics differs for every peer of a method (stated in the table's note column).
 METHOD_NOTES = {
-    "arnoldi (exact)": "ours adds the complement (v-UUᵀv)/λ, peers project onto the rank-r subspace only",
     "trak": "different random projections (same dimension)",
 }
 
@@ -55,9 +56,13 @@ def method_rows(p: problems.Problem, method: str, repeats: int, deadline: float)
     peers, reasons, notes = {}, {}, {}
     k = p.settings.get("tests_for", {}).get(method)
     p = p.with_tests(k) if k and k < len(p.test) else p
+    factor = p.settings.get("damping_for", {}).get(method)  # e.g. LiSSA (exact) needs H + λI ≻ 0
+    p = replace(p, damping=factor * p.lambda_g) if factor else p
     for name in OFFERED[method]:
         mod = PEERS[name]
-        if _version(DISTRIBUTIONS[name]) == "not installed":
+        if method.startswith("grad_dot (") and "tracked_params" not in p.settings:
+            reasons[name] = "same as grad_dot: kronfluence tracks every layer of this model"
+        elif _version(DISTRIBUTIONS[name]) == "not installed":
             reasons[name] = f"{name} not installed (make bench-peers installs it)"
         elif method in getattr(mod, "UNSUPPORTED", {}):
             reasons[name] = mod.UNSUPPORTED[method]
@@ -71,8 +76,9 @@ def method_rows(p: problems.Problem, method: str, repeats: int, deadline: float)
         peers = {}
     rows = measure(p.name, method, ours.runner(p, method), peers, repeats, notes) if peers else []
     rows += [Row(p.name, method, name, reason=why) for name, why in reasons.items()]
+    tags = ([f"{len(p.test)} tests"] if k else []) + ([f"λ = {factor:g}·λ_G"] if factor else [])
     for r in rows:
-        r.method = f"{method} [{len(p.test)} tests]" if k else method
+        r.method = f"{method} [{', '.join(tags)}]" if tags else method
     order = OFFERED[method]
     return sorted(rows, key=lambda r: order.index(r.peer))
 
@@ -96,8 +102,10 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 3)
     deadline = time.monotonic() + args.budget
     print(f"torch {torch.__version__}, threads torch.get_num_threads()={torch.get_num_threads()} "
-          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), repeats={repeats}")
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), repeats={repeats}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print("peers: " + ", ".join(f"{k} {_version(v)}" for k, v in DISTRIBUTIONS.items()))
+    print("load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
     rows: list[Row] = []
     for name in args.problems:
         p = make_problem(name, args)
@@ -108,6 +116,7 @@ def main() -> None:
             for r in new:
                 print(" | ".join(r.cells()), flush=True)
             rows += new
+    print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
     print("\n" + markdown(rows))
 
 

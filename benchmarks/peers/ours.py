@@ -29,10 +29,10 @@ def _influence(name: str, hessian: str) -> Callable[[Problem], dict]:
             kw["params"] = s["explicit_params"]
         elif name == "cg":
             kw.update(max_iter=s["cg_iter"], tol=1e-6)
-        elif name == "lissa":
-            kw.update(depth=s["lissa_depth"], batch_size=s["lissa_batch"], scale=s["lissa_scale"])
-        elif name == "arnoldi":
-            kw["rank"] = s["rank"]
+        elif name == "lissa":  # tol=0: exactly `depth` steps, no residual checks (pyDVL rtol=0, dattri)
+            kw.update(depth=s["lissa_depth"], batch_size=s["lissa_batch"], scale=s["lissa_scale"], tol=0.0)
+        elif name == "arnoldi":  # complement=False: the peers' rank-r subspace inverse (SPEC §3)
+            kw.update(rank=s["rank"], complement=False)
         return kw
 
     return spec
@@ -41,6 +41,8 @@ def _influence(name: str, hessian: str) -> Callable[[Problem], dict]:
 # method key -> our estimator spec for a problem
 METHODS: dict[str, Callable[[Problem], dict]] = {
     "grad_dot": lambda p: {"name": "grad_dot"},
+    # kronfluence tracks nn.Linear / nn.Conv2d only: the same parameters on our side (equal work)
+    "grad_dot (Linear/Conv2d params)": lambda p: {"name": "grad_dot", "params": p.settings["tracked_params"]},
     "grad_cos": lambda p: {"name": "grad_cos"},
     "explicit (exact)": _influence("explicit", "exact"),
     "explicit (GN)": _influence("explicit", "gauss_newton"),
@@ -48,7 +50,7 @@ METHODS: dict[str, Callable[[Problem], dict]] = {
     "cg (GN)": _influence("cg", "gauss_newton"),
     "lissa (exact)": _influence("lissa", "exact"),
     "lissa (GN)": _influence("lissa", "gauss_newton"),
-    "arnoldi (exact)": _influence("arnoldi", "exact"),  # keeps the complement (v - UUᵀv)/λ; peers drop it
+    "arnoldi (exact)": _influence("arnoldi", "exact"),
     "datainf": lambda p: {"name": "datainf", "damping_scale": 0.1},
     "ekfac": lambda p: {"name": "ekfac", "damping": p.settings["ekfac_damping"],
                         **({"params": p.settings["ekfac_params"]} if p.settings.get("ekfac_params") else {})},

@@ -27,4 +27,4 @@ def grad_dot(p: Problem) -> Tensor:
     return attribute(p.model, p.task, p.train, p.test, [est])["kronfluence identity"]
 
 
-RUNNERS: dict[str, Callable[[Problem], Tensor]] = {"grad_dot": grad_dot}
+RUNNERS: dict[str, Callable[[Problem], Tensor]] = {"grad_dot": grad_dot, "grad_dot (Linear/Conv2d params)": grad_dot}

@@ -135,6 +135,9 @@ def concrete(quick: bool) -> Problem:
     _train(model, problem.batch_loss, train, steps=60 if quick else 600, lr=1e-2, batch=128)
     settings = {"cg_iter": 50, "lissa_depth": 100 if quick else 300, "lissa_batch": 128, "rank": 20 if quick else 50,
                 "lissa_scale": 20.0, "proj_dim": 128 if quick else 512, "tests_for": {"lissa (exact)": 20, "lissa (GN)": 20},
+                # H + 100·λ_G·I is indefinite here (Lanczos: a direction with vᵀ(H + λI)v = -0.157), so
+                # LiSSA cannot converge and ours refuses; 1000·λ_G makes it positive definite
+                "damping_for": {"lissa (exact)": 1000.0},
                 "explicit_params": ["net.4.weight", "net.4.bias"]}
     return _finish("concrete", model, "mse", train, test, note, settings)
 
@@ -163,5 +166,6 @@ def cifar(quick: bool, n_train: int = 2000, n_test: int = 20) -> Problem:
                 "lissa_scale": 50.0, "proj_dim": 128 if quick else min(1024, n_train // 2),
                 "explicit_params": ["fc.weight"], "ekfac_modules": ["fc"], "ekfac_params": ["fc.weight"],
                 "tests_for": {"lissa (exact)": 5, "lissa (GN)": 5, "cg (exact)": 5, "cg (GN)": 5},
-                "captum_tracin_max_train": 200}
+                "captum_tracin_max_train": 200,
+                "tracked_params": [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]}
     return _finish("cifar", model, "cross_entropy", train, test, note, settings)

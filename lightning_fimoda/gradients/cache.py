@@ -162,7 +162,7 @@ class GradientCache:
                 f"{num_params} parameters ({_mib(row)} with vmap's intermediates, half the budget is for one "
                 "chunk): raise memory_budget or select fewer parameters (params=)."
             )
-        return chunk_size_for(num_params, element_size, self.chunk_budget(device))
+        return chunk_size_for(num_params, element_size, self.chunk_budget(device), device)
 
     def fits(self, rows: int, cols: int, element_size: int, device: torch.device | str = "cpu") -> bool:
         """Whether a ``[rows, cols]`` matrix fits beside the resident sets in the resident half."""

@@ -170,7 +170,7 @@ def _prepare(
             raise KeyError(f"`at` names parameters that are not selected: {sorted(unknown)}")
         values.update({n: v.detach().to(device) for n, v in at.items()})
     budget = resolve_memory_budget(memory_budget, device)
-    size = int(chunk_size) if chunk_size else chunk_size_for(fn.num_params, itemsize(dtype), budget)
+    size = int(chunk_size) if chunk_size else chunk_size_for(fn.num_params, itemsize(dtype), budget, device)
     with eval_mode(model):
         _check_task_once(fn, _METHOD[kind], load_batch(task, dataset, idx[: min(2, idx.numel())], device), what)
     return _Pass(fn, dataset, _METHOD[kind], values, idx, size, device, dtype, what)

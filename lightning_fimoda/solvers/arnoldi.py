@@ -43,17 +43,16 @@ def lanczos(
     else:
         gen = torch.Generator().manual_seed(int(seed))
         q = torch.randn(num_params, generator=gen, dtype=dtype).to(device)
-    q = q / q.norm()
-    basis: list[Tensor] = []
+    basis = q.new_empty(steps, num_params)  # rows written in place: no re-stacking of the basis per step
+    basis[0] = q / q.norm()
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     scale = q.new_zeros(())
-    for _ in range(steps):
-        basis.append(q)
+    for k in range(steps):
+        q, q_mat = basis[k], basis[: k + 1]
         w = matvec(q)
         alpha = q @ w
         alphas.append(alpha)
-        q_mat = torch.stack(basis)
         for _pass in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
             w = w - (q_mat @ w) @ q_mat
         beta = w.norm()
@@ -62,8 +61,10 @@ def lanczos(
             betas.append(beta.new_zeros(()))
             break
         betas.append(beta)
-        q = w / beta
-    return torch.stack(alphas), torch.stack(betas), torch.stack(basis)
+        if k + 1 < steps:
+            basis[k + 1] = w / beta
+    m = len(alphas)
+    return torch.stack(alphas), torch.stack(betas), basis if m == steps else basis[:m].clone()
 
 
 def ritz_pairs(alphas: Tensor, betas: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,16 +81,20 @@ def ritz_pairs(alphas: Tensor, betas: Tensor, basis: Tensor) -> tuple[Tensor, Te
 @dataclass(frozen=True)
 class ArnoldiConfig(SolverConfig):
     """Args: rank: eigenpairs kept. iterations: Krylov dimension (default ``min(P, 2·rank + 20)``).
-    seed: seed of the start vector."""
+    seed: seed of the start vector. complement: add ``(v − UUᵀv)/λ`` (``H`` taken as 0 outside the
+    kept eigenvectors; needs ``λ > 0``); ``False`` inverts in the rank-``k`` subspace only, as the
+    Arnoldi of dattri, pyDVL and captum do."""
 
     rank: int = 50
     iterations: int | None = None
     seed: int = 0
+    complement: bool = True
 
     def __post_init__(self) -> None:
         self._integer("rank")
         self._integer("iterations", optional=True)
         self._integer("seed", minimum=0)
+        self._flag("complement")
         if self.iterations is not None and self.iterations < self.rank:
             self._fail(f"iterations ({self.iterations}) must be >= rank ({self.rank}).")
 
@@ -99,6 +104,8 @@ class ArnoldiSolver(Solver):
     """``(H + λI)^{-1} v ≈ Σ_i u_i (u_iᵀ v) / (e_i + λ) + (v − U Uᵀ v) / λ`` over the ``rank`` Ritz pairs
     ``(e_i, u_i)`` of largest magnitude of the undamped ``H``: ``H`` is treated as 0 on the complement
     (so large damping gives Grad-Dot's direction, and ``rank = P`` is exact). Needs ``λ > 0``.
+    With ``complement=False`` the second term is dropped: ``U (E + λ)^{-1} Uᵀ v``, the inverse of
+    ``H + λI`` restricted to the top-``rank`` subspace (``v``'s part outside it scores 0).
 
     ``info["arnoldi"]`` reports the kept eigenvalues' range and the largest relative Ritz residual.
     """
@@ -106,7 +113,7 @@ class ArnoldiSolver(Solver):
     config_class = ArnoldiConfig
 
     def _prepare(self, op: CurvatureOperator) -> None:
-        if op.damping <= 0:
+        if self.config.complement and op.damping <= 0:
             raise ConfigurationError(f"{self.label}: arnoldi needs damping > 0 (the complement is scaled by 1/λ).")
         rank = self.config.rank
         iterations = self.config.iterations
@@ -130,4 +137,6 @@ class ArnoldiSolver(Solver):
         lam = op.damping
         coeff = rhs @ self.eigenvectors.T  # [k, r]
         inside = (coeff / (self.eigenvalues + lam)) @ self.eigenvectors
-        return inside + (rhs - coeff @ self.eigenvectors) / lam, {"rank": int(self.eigenvalues.numel())}
+        if self.config.complement:
+            inside = inside + (rhs - coeff @ self.eigenvectors) / lam
+        return inside, {"rank": int(self.eigenvalues.numel())}

@@ -14,7 +14,8 @@ recursion still diverge, the scale moves up by the factors of ``scale_ladder``.
 
 **Stopping.** Each row stops when its full-data relative residual ``‖(H + λI) x − v‖ / ‖v‖`` is at most
 ``tol`` (checked every ``max(10, 4n/B)`` steps, about a quarter of the cost of the steps themselves);
-``depth`` is the cap, and reaching it warns with the residual. The residual is reported.
+``depth`` is the cap, and reaching it warns with the residual. ``tol=0`` runs exactly ``depth`` steps
+with no checks (as pyDVL's ``rtol=0``) and no warning. The residual of the result is reported.
 
 **Definiteness.** With a curvature that is not positive semi-definite by construction (``"exact"``),
 the same Lanczos run gives the smallest Ritz value of the full-data ``H + λI``; a value ``≤ 0`` proves a
@@ -63,7 +64,8 @@ class LissaConfig(SolverConfig):
     scale: ``"auto"`` (see the module docstring) or a positive number.
     scale_ladder: factors (>= 1, increasing) applied to the auto scale in turn when the recursion
         diverges or its result is worse than ``x = 0``.
-    seed: seed of the mini-batch sampling and the Lanczos start vectors. tol: relative residual to stop at.
+    seed: seed of the mini-batch sampling and the Lanczos start vectors. tol: relative residual to stop at
+        (``0``: no residual checks, ``depth`` steps).
     """
 
     depth: int = 1000
@@ -78,7 +80,7 @@ class LissaConfig(SolverConfig):
         for name in ("depth", "repeat", "batch_size"):
             self._integer(name)
         self._integer("seed", minimum=0)
-        self._number("tol", strict=True)
+        self._number("tol")
         if self.scale != "auto":
             self._number("scale", strict=True)
         ladder = tuple(float(s) for s in self.scale_ladder)
@@ -141,7 +143,7 @@ class LissaSolver(Solver):
             relative = relative_residuals(op, x, rhs).max().item()
             if relative <= MAX_RELATIVE_RESIDUAL or last:
                 break
-        if not converged:
+        if not converged and self.config.tol > 0:
             far = " far from (H + λI)^{-1} v (worse than x = 0)" if relative > MAX_RELATIVE_RESIDUAL else ""
             warnings.warn(
                 f"{self.label}: LiSSA reached depth={self.config.depth} before the relative residual "
@@ -182,21 +184,25 @@ class LissaSolver(Solver):
         t = 0
         while active.any() and t < self.config.depth:
             idx = active.nonzero().squeeze(1)
+            rows = slice(None) if idx.numel() == v.shape[0] else idx  # no gather/scatter copies when all run
             batch_op = op if b == op.n else op.subset(torch.randperm(op.n, generator=gen)[:b])
-            h[idx] = v[idx] + h[idx] - batch_op.apply(h[idx]) / scale
-            window[idx] += h[idx]
+            h_rows = h[rows]
+            h_rows = v[rows] + h_rows - batch_op.apply(h_rows) / scale
+            h[rows] = h_rows
+            window[rows] += h_rows
             t += 1
-            h_norm = h[idx].norm(dim=1)
-            bad = ~torch.isfinite(h_norm) | (h_norm > 2.0 * min(t + 1, ceiling) * v_norm[idx])
+            h_norm = h_rows.norm(dim=1)
+            bad = ~torch.isfinite(h_norm) | (h_norm > 2.0 * min(t + 1, ceiling) * v_norm[rows])
             if bad.any():
                 raise DivergenceError(
                     f"{self.label}: LiSSA diverged at step {t} of repeat {repeat_index + 1} with scale={scale:.3g} "
-                    f"(‖h‖/‖v‖ = {(h_norm / v_norm[idx].clamp_min(1e-300)).max().item():.3g}); use a larger "
+                    f"(‖h‖/‖v‖ = {(h_norm / v_norm[rows].clamp_min(1e-300)).max().item():.3g}); use a larger "
                     "scale (or scale='auto'), more damping, or a larger batch_size."
                 )
             since = (t - 1) % check_every + 1
             if since == check_every or t == self.config.depth:
-                x[idx] = (h[idx] if b == op.n else window[idx] / since) / scale
-                window[idx] = 0.0
-                active[idx] = relative_residuals(op, x[idx], v[idx]) > self.config.tol
-        return x, t, not bool(active.any())
+                x[rows] = (h[rows] if b == op.n else window[rows] / since) / scale
+                window[rows] = 0.0
+                if self.config.tol > 0:
+                    active[rows] = relative_residuals(op, x[rows], v[rows]) > self.config.tol
+        return x, t, self.config.tol > 0 and not bool(active.any())
