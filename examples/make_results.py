@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results.extras import LABEL, run_lissa_paper, with_lissa_paper  # noqa: E402
+from results.extras import LABEL, lissa_pair, run_lissa_paper  # noqa: E402
 from results.markdown import write_markdown  # noqa: E402
-from results.runs import base_done, load_base, load_variant, run_base, run_variant, variant_done  # noqa: E402
+from results.runs import base_done, blocks_done, load_base, load_variant, run_base, run_variant, variant_done  # noqa: E402
 from results.settings import PAPER, ROOT, VARIANTS, fimoda_command, load_config  # noqa: E402
 
 LISSA_PAPER = ("energy", "concrete")  # datasets where LiSSA also runs with the paper's settings (--only)
@@ -45,22 +45,25 @@ def run_all(args: argparse.Namespace) -> None:
             print(f"== {name}: {fimoda_command(name, args.data_dir)}", flush=True)
             timing = run_base(load_config(name, args.data_dir, args.work_dir, args.quick), run_dir)
             print(f"== {name}: {timing['total']:.0f} s", flush=True)
+    for variant in selected_variants(args):
+        parts = [p for p in args.only if p == variant.slug or p.startswith(f"{variant.slug}@")]
+        if variant_done(args.work_dir, variant) or (args.only and not parts):
+            continue
+        if not base_done(args.work_dir / variant.name):
+            print(f"== {variant.slug}: skipped, its base run is not finished", flush=True)
+            continue
+        for part in parts or [variant.slug]:
+            block = int(part.split("@")[1]) if "@" in part else None
+            print(f"== {part}: {variant}", flush=True)
+            start = time.perf_counter()
+            run_variant(variant, args.work_dir, block)
+            print(f"== {part}: {time.perf_counter() - start:.0f} s", flush=True)
     for name in args.datasets:
         part = f"{name}_{LABEL}"
         if name in LISSA_PAPER and part in args.only and base_done(args.work_dir / name):
             print(f"== {part}: LiSSA with the paper's depth and scale ladder", flush=True)
             run = run_lissa_paper(args.work_dir / name)
             print(f"== {part}: {run.seconds:.0f} s, {run.error or 'ok'}", flush=True)
-    for variant in selected_variants(args):
-        if variant_done(args.work_dir, variant) or (args.only and variant.slug not in args.only):
-            continue
-        if not base_done(args.work_dir / variant.name):
-            print(f"== {variant.slug}: skipped, its base run is not finished", flush=True)
-            continue
-        print(f"== {variant.slug}: {variant}", flush=True)
-        start = time.perf_counter()
-        run_variant(variant, args.work_dir)
-        print(f"== {variant.slug}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def selected_variants(args: argparse.Namespace) -> list:
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test, not results")
     parser.add_argument("--reuse", action="store_true", help="rewrite the markdown from finished runs only")
     parser.add_argument("--only", nargs="+", default=[],
-                        help="run only these parts: dataset names (base runs) and <dataset>_<variant key>")
+                        help="run only these parts: dataset names (base runs), <dataset>_<variant key> (all its seed "
+                        "blocks) or <dataset>_<variant key>@<block> (seeds 20·block .. 20·block + 19), <dataset>_lissa_paper")
     parser.add_argument("--no-markdown", action="store_true", help="run, but do not write the markdown")
     args = parser.parse_args(argv)
     shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--reuse"]
@@ -88,15 +92,17 @@ def main(argv: list[str] | None = None) -> Path | None:
         run_all(args)
     if args.no_markdown:
         return None
-    results = {}
-    for name in (n for n in args.datasets if base_done(args.work_dir / n)):
-        report, config, timing = load_base(args.work_dir / name)
-        results[name] = (with_lissa_paper(report, args.work_dir / name), config, timing)
+    results = {name: load_base(args.work_dir / name) for name in args.datasets if base_done(args.work_dir / name)}
     variants = {}
     for variant in selected_variants(args):
-        if variant.name in results and variant_done(args.work_dir, variant):
+        if variant.name in results and blocks_done(args.work_dir, variant):
             variants[variant.slug] = (variant, *load_variant(args.work_dir, variant, results[variant.name][0]))
-    path = write_markdown(results, variants, args.out, args.data_dir, args.quick, shown)
+    lissa = {}  # both LiSSAs against each gold standard of the datasets where the paper's LiSSA ran
+    for key, report in [*((n, r) for n, (r, _, _) in results.items()), *((k, r) for k, (_, r, _) in variants.items())]:
+        pair = lissa_pair(report, args.work_dir / key.split("_")[0])
+        if pair is not None:
+            lissa[key] = pair
+    path = write_markdown(results, variants, lissa, args.out, args.data_dir, args.quick, shown)
     print(f"Wrote {path}")
     return path
 

@@ -18,11 +18,21 @@ from lightning_fimoda import AttributionReport
 from lightning_fimoda.evaluation.plotting import agreement_figure, seed_averaging_figure
 from lightning_fimoda.evaluation.report import library_versions
 
+from .extras import DEPTH, LABEL, N_TESTS
 from .findings import Variants, primary_mechanism
 from .findings_table import findings_section
 from .sections import base_sections, reasons, timings_section
 from .settings import ADJUST, PAPER, fimoda_command
-from .tables import AGREEMENT_HEAD, VARIANT_HEAD, agreement_rows, seed_rows, table, variant_at, variant_row
+from .tables import (
+    AGREEMENT_HEAD,
+    VARIANT_HEAD,
+    agreement_rows,
+    pm,
+    seed_rows,
+    table,
+    variant_at,
+    variant_row,
+)
 
 Results = dict[str, tuple[AttributionReport, dict[str, Any], dict[str, float]]]
 KEPT_FROM = "## Horizon-matched influence"
@@ -130,16 +140,37 @@ def variant_section(slug: str, variant: Any, report: AttributionReport, figures_
     return md
 
 
-def write_markdown(results: Results, variants: Variants, out_dir: Path, data_dir: Path, quick: bool,
-                   argv: list[str]) -> Path:
+def lissa_section(lissa: dict[str, AttributionReport]) -> list[str]:
+    """Our LiSSA beside LiSSA with the paper's settings, against each gold standard (first tests only)."""
+    if not lissa:
+        return []
+    md = ["## LiSSA: our automatic scale beside the paper's setting", "",
+          f"Ours: ≤ 200 steps, scale 1.1 × the largest eigenvalue estimate of H + λI. Paper's (App. D.4): "
+          f"{DEPTH} steps, one repeat, the smallest scale of a ladder (here powers of 10) that does not diverge "
+          f"(`examples/results/extras.py`). Scored on the first {N_TESTS} test instances (a CPU budget); peak "
+          f"cosine, `{ADJUST}` adjustment, mean ± s.e. over those tests.", ""]
+    rows = []
+    for key, pair in lissa.items():
+        (_, a, sa), (_, b, sb) = pair.agreement("lissa").peak(), pair.agreement(LABEL).peak()
+        scale = pair.settings[LABEL].get("scale")
+        rows.append([f"`{key}`", pm(a, sa), pm(b, sb), f"{scale:g}" if isinstance(scale, float) else str(scale),
+                     f"{pair.seconds['lissa']:.0f} / {pair.seconds[LABEL]:.0f}"])
+    md += table(["gold standard", "ours (auto scale)", "paper's setting", "paper scale", "time ours / paper (s)"],
+                rows, "---|---:|---:|---:|---:")
+    return [*md, ""]
+
+
+def write_markdown(results: Results, variants: Variants, lissa: dict[str, AttributionReport], out_dir: Path,
+                   data_dir: Path, quick: bool, argv: list[str]) -> Path:
     """Write ``out_dir/results.md`` and its figures; returns the path."""
     path = out_dir / "results.md"
     tail = kept_tail(path)
     figures_dir = out_dir / "figures"
     md = header(results, variants, quick)
-    md += findings_section(results, variants)
+    md += findings_section(results, variants, lissa)
     md += measured(argv, results, data_dir)
     md += protocol(variants, figures_dir)
+    md += lissa_section(lissa)
     md += base_sections(results, figures_dir)
     md += timings_section(results, variants)
     md += ["## Where our numbers differ from the paper's findings", "", *reasons(results, variants), ""]

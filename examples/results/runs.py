@@ -87,44 +87,75 @@ def final_model(run_dir: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     return model, train, test, config
 
 
-def variant_dir(work_dir: Path, variant: Variant) -> Path:
-    return work_dir / variant.name / variant.key
+SEED_BLOCK = 20  # a variant with more seeds runs in blocks of 20 (separate run dirs: parallel, partial)
 
 
-def variant_loop(variant: Variant, n_train: int, batch_size: int, run_dir: Path) -> FurtherTrainingLoop:
+def seed_blocks(variant: Variant) -> list[list[int]]:
+    """The variant's seeds ``0..S-1`` in blocks of :data:`SEED_BLOCK`."""
+    return [list(range(a, min(a + SEED_BLOCK, variant.seeds))) for a in range(0, variant.seeds, SEED_BLOCK)]
+
+
+def variant_dir(work_dir: Path, variant: Variant, block: list[int]) -> Path:
+    """``<name>/<key>`` for a single block, ``<name>/<key>_seeds_<first>-<last>`` otherwise."""
+    if len(seed_blocks(variant)) == 1:
+        return work_dir / variant.name / variant.key
+    return work_dir / variant.name / f"{variant.key}_seeds_{block[0]}-{block[-1]}"
+
+
+def variant_loop(variant: Variant, seeds: list[int], n_train: int, batch_size: int, run_dir: Path) -> FurtherTrainingLoop:
     """The further-training loop of ``variant``: checkpoints every ``variant.every`` epochs (in steps)."""
     every = variant.every * math.ceil(n_train / batch_size)
     return FurtherTrainingLoop(
         optimizer=variant.optimizer, lr=variant.lr, epochs=variant.epochs, batch_size=batch_size,
-        seeds=variant.seeds, leave_out=variant.leave_out, eval_every=every, adjustments=("mean", "full"),
+        seeds=seeds, leave_out=variant.leave_out, eval_every=every, adjustments=("mean", "full"),
         run_dir=run_dir, progress=False,
     )
 
 
-def run_variant(variant: Variant, work_dir: Path) -> GoldStandard:
-    """Further training of ``variant`` from its base run's final model (resumes from its run_dir)."""
+def run_variant(variant: Variant, work_dir: Path, block: int | None = None) -> None:
+    """Further training of ``variant`` (one seed block, or all) from its base run's final model; every
+    block resumes from its run dir and is skipped when finished."""
     base_dir = work_dir / variant.name
     report = AttributionReport.load(base_dir / "fimoda")
     model, train, test, config = final_model(base_dir)
     loo = report.train_indices[: variant.m]
     tests = report.test_indices if variant.tests is None else report.test_indices[: variant.tests]
     batch_size = int(config["data"]["init_args"]["batch_size"])
-    loop = variant_loop(variant, len(train), batch_size, variant_dir(work_dir, variant))
-    return loop.run(model, train, test, loo, tests)
+    blocks = seed_blocks(variant)
+    for seeds in blocks if block is None else [blocks[block]]:
+        folder = variant_dir(work_dir, variant, seeds)
+        if not (folder / GOLD_FILE).is_file():
+            variant_loop(variant, seeds, len(train), batch_size, folder).run(model, train, test, loo, tests)
+
+
+def blocks_done(work_dir: Path, variant: Variant) -> list[Path]:
+    folders = [variant_dir(work_dir, variant, b) for b in seed_blocks(variant)]
+    return [f for f in folders if (f / GOLD_FILE).is_file()]
 
 
 def variant_done(work_dir: Path, variant: Variant) -> bool:
-    return (variant_dir(work_dir, variant) / GOLD_FILE).is_file()
+    return len(blocks_done(work_dir, variant)) == len(seed_blocks(variant))
+
+
+def concatenate(golds: list[GoldStandard]) -> GoldStandard:
+    """Gold standards of disjoint seed blocks of one job as one (seeds in block order)."""
+    first = golds[0]
+    seeds = [s for g in golds for s in g.seeds]
+    full = None if first.full is None else torch.cat([g.full for g in golds])
+    return replace(first, loo=torch.cat([g.loo for g in golds]), full=full, seeds=seeds,
+                   config={**first.config, "seeds": seeds})
 
 
 def load_variant(work_dir: Path, variant: Variant, base: AttributionReport) -> tuple[AttributionReport, float]:
-    """The base run's estimator scores against the variant's gold standard, and its further-training
-    wall time in seconds (the sum over its units, as logged by the run store, across resumptions)."""
-    folder = variant_dir(work_dir, variant)
-    gold = GoldStandard.load(folder / GOLD_FILE)
+    """The base run's estimator scores against the variant's gold standard (its finished seed blocks),
+    and its further-training wall time in seconds (the sum over its units, as logged by the run store,
+    across resumptions)."""
+    folders = blocks_done(work_dir, variant)
+    gold = concatenate([GoldStandard.load(f / GOLD_FILE) for f in folders])
     report = replace(base, gold=gold, seed_ks=seed_ks(len(gold.seeds)))
     seconds = 0.0
-    for line in (folder / "computed.log").read_text().splitlines():
-        fields = dict(part.split("=", 1) for part in line.split())
-        seconds += float(fields.get("seconds", 0.0))
+    for folder in folders:
+        for line in (folder / "computed.log").read_text().splitlines():
+            fields = dict(part.split("=", 1) for part in line.split())
+            seconds += float(fields.get("seconds", 0.0))
     return report, seconds

@@ -30,7 +30,7 @@ PAPER = {
               "further": "Folktables: SGD lr 1e-4, 25 epochs", "seeds": 100, "m": 100, "tests": "100"},
 }
 FIRST_ORDER = ("grad_dot", "grad_cos", "datainf")
-SECOND_ORDER = ("cg", "lissa", "lissa_paper")
+SECOND_ORDER = ("cg", "lissa")
 POOR = ("lissa_h", "trak")
 
 
