@@ -31,7 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results.extras import LABEL, lissa_pair, run_lissa_paper  # noqa: E402
 from results.markdown import write_markdown  # noqa: E402
-from results.runs import base_done, blocks_done, load_base, load_variant, run_base, run_variant, variant_done  # noqa: E402
+from results.runs import (  # noqa: E402
+    base_done,
+    blocks_started,
+    load_base,
+    load_variant,
+    run_base,
+    run_variant,
+    variant_done,
+)
 from results.settings import PAPER, ROOT, VARIANTS, fimoda_command, load_config  # noqa: E402
 
 LISSA_PAPER = ("energy", "concrete")  # datasets where LiSSA also runs with the paper's settings (--only)
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     results = {name: load_base(args.work_dir / name) for name in args.datasets if base_done(args.work_dir / name)}
     variants = {}
     for variant in selected_variants(args):
-        if variant.name in results and blocks_done(args.work_dir, variant):
+        if variant.name in results and blocks_started(args.work_dir, variant):
             variants[variant.slug] = (variant, *load_variant(args.work_dir, variant, results[variant.name][0]))
     lissa = {}  # both LiSSAs against each gold standard of the datasets where the paper's LiSSA ran
     for key, report in [*((n, r) for n, (r, _, _) in results.items()), *((k, r) for k, (_, r, _) in variants.items())]:

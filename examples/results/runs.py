@@ -23,7 +23,10 @@ import yaml
 from lightning_fimoda import AttributionReport, GoldStandard
 from lightning_fimoda._lightning import find_datasets
 from lightning_fimoda.cli import FiMODACLI, fimoda_callback
+from lightning_fimoda.exceptions import MismatchError
 from lightning_fimoda.further_training import FurtherTrainingLoop
+from lightning_fimoda.further_training.fingerprint import differences
+from lightning_fimoda.further_training.store import RunStore
 
 from .settings import Variant, seed_ks
 
@@ -112,15 +115,20 @@ def variant_loop(variant: Variant, seeds: list[int], n_train: int, batch_size: i
     )
 
 
-def run_variant(variant: Variant, work_dir: Path, block: int | None = None) -> None:
-    """Further training of ``variant`` (one seed block, or all) from its base run's final model; every
-    block resumes from its run dir and is skipped when finished."""
+def _job(variant: Variant, work_dir: Path) -> tuple[Any, ...]:
+    """``(model, train, test, loo_indices, test_indices, batch_size)`` of the variant's further training."""
     base_dir = work_dir / variant.name
     report = AttributionReport.load(base_dir / "fimoda")
     model, train, test, config = final_model(base_dir)
     loo = report.train_indices[: variant.m]
     tests = report.test_indices if variant.tests is None else report.test_indices[: variant.tests]
-    batch_size = int(config["data"]["init_args"]["batch_size"])
+    return model, train, test, loo, tests, int(config["data"]["init_args"]["batch_size"])
+
+
+def run_variant(variant: Variant, work_dir: Path, block: int | None = None) -> None:
+    """Further training of ``variant`` (one seed block, or all) from its base run's final model; every
+    block resumes from its run dir and is skipped when finished."""
+    model, train, test, loo, tests, batch_size = _job(variant, work_dir)
     blocks = seed_blocks(variant)
     for seeds in blocks if block is None else [blocks[block]]:
         folder = variant_dir(work_dir, variant, seeds)
@@ -128,13 +136,31 @@ def run_variant(variant: Variant, work_dir: Path, block: int | None = None) -> N
             variant_loop(variant, seeds, len(train), batch_size, folder).run(model, train, test, loo, tests)
 
 
-def blocks_done(work_dir: Path, variant: Variant) -> list[Path]:
-    folders = [variant_dir(work_dir, variant, b) for b in seed_blocks(variant)]
-    return [f for f in folders if (f / GOLD_FILE).is_file()]
+def blocks_started(work_dir: Path, variant: Variant) -> list[tuple[list[int], Path]]:
+    """The seed blocks with at least one finished unit (a finished block has its gold standard file)."""
+    pairs = [(b, variant_dir(work_dir, variant, b)) for b in seed_blocks(variant)]
+    return [(b, f) for b, f in pairs if (f / GOLD_FILE).is_file() or any((f / "units").glob("seed*.safetensors"))]
 
 
 def variant_done(work_dir: Path, variant: Variant) -> bool:
-    return len(blocks_done(work_dir, variant)) == len(seed_blocks(variant))
+    return all((variant_dir(work_dir, variant, b) / GOLD_FILE).is_file() for b in seed_blocks(variant))
+
+
+def partial_gold(variant: Variant, seeds: list[int], folder: Path, job: tuple[Any, ...]) -> GoldStandard:
+    """The gold standard of the seeds of an unfinished block whose units are stored (checked to be this
+    job's, as a resumed run would)."""
+    model, train, test, loo, tests, batch_size = job
+    plan = variant_loop(variant, seeds, len(train), batch_size, None).plan(model, train, test, loo, tests)
+    store = RunStore(folder)
+    stored = store.read_config()
+    if differences(stored["fingerprint"], plan.fingerprint):
+        raise MismatchError(f"{folder} holds another job: {differences(stored['fingerprint'], plan.fingerprint)}")
+    store.job_id = stored["fingerprint_id"]
+    done = [s for s in seeds if store.has(s, 0)]
+    part = variant_loop(variant, done, len(train), batch_size, None).plan(model, train, test, loo, tests)
+    if any(u[1] != 0 for u in part.units()):
+        raise MismatchError(f"{folder}: partial loading expects one chunk per seed.")
+    return part.assemble({(s, 0): store.load(s, 0) for s in done})
 
 
 def concatenate(golds: list[GoldStandard]) -> GoldStandard:
@@ -147,14 +173,22 @@ def concatenate(golds: list[GoldStandard]) -> GoldStandard:
 
 
 def load_variant(work_dir: Path, variant: Variant, base: AttributionReport) -> tuple[AttributionReport, float]:
-    """The base run's estimator scores against the variant's gold standard (its finished seed blocks),
-    and its further-training wall time in seconds (the sum over its units, as logged by the run store,
-    across resumptions)."""
-    folders = blocks_done(work_dir, variant)
-    gold = concatenate([GoldStandard.load(f / GOLD_FILE) for f in folders])
+    """The base run's estimator scores against the variant's gold standard (every finished unit of its
+    seed blocks), and its further-training wall time in seconds (the sum over its units, as logged by
+    the run store, across resumptions)."""
+    started = blocks_started(work_dir, variant)
+    job = None
+    golds = []
+    for seeds, folder in started:
+        if (folder / GOLD_FILE).is_file():
+            golds.append(GoldStandard.load(folder / GOLD_FILE))
+            continue
+        job = job or _job(variant, work_dir)
+        golds.append(partial_gold(variant, seeds, folder, job))
+    gold = concatenate(golds)
     report = replace(base, gold=gold, seed_ks=seed_ks(len(gold.seeds)))
     seconds = 0.0
-    for folder in folders:
+    for _, folder in started:
         for line in (folder / "computed.log").read_text().splitlines():
             fields = dict(part.split("=", 1) for part in line.split())
             seconds += float(fields.get("seconds", 0.0))
