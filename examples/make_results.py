@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         pair = lissa_pair(report, args.work_dir / key.split("_")[0])
         if pair is not None:
             lissa[key] = pair
-    path = write_markdown(results, variants, lissa, args.out, args.data_dir, args.quick, shown)
+    missing = [n for n in args.datasets if n not in results]
+    missing += [v.slug for v in selected_variants(args) if v.slug not in variants]
+    path = write_markdown(results, variants, lissa, missing, args.out, args.data_dir, args.quick, shown)
     print(f"Wrote {path}")
     return path
 

@@ -98,7 +98,7 @@ def measured(argv: list[str], results: Results, data_dir: Path) -> list[str]:
     ]
 
 
-def protocol(variants: Variants, figures_dir: Path) -> list[str]:
+def protocol(variants: Variants, figures_dir: Path, missing: list[str]) -> list[str]:
     """Settings of the variants, then per dataset the leave-out comparison and each variant's curves."""
     md = ["## The paper's protocol: horizons, seeds, leave-out mechanism, Adam", "",
           "Further gold standards from each base run's final model (`examples/results/settings.py`, "
@@ -113,6 +113,13 @@ def protocol(variants: Variants, figures_dir: Path) -> list[str]:
                 "---|---|---|---:|---:|---:|---:|---:|---:")
     notes = sorted({f"{PAPER[v.name]['title']}: {v.note}." for v, _, _ in variants.values() if v.note})
     md += ["", *[f"- {n}" for n in notes], ""] if notes else [""]
+    planned = {v.slug: v.seeds for v, _, _ in variants.values()}
+    short = [f"`{slug}` {len(r.gold.seeds)} of {planned[slug]}" for slug, (_, r, _) in variants.items()
+             if len(r.gold.seeds) < planned[slug]]
+    if short or missing:
+        md += ["**Not finished in this session** (the machine was about 20x slower than a free core; every part "
+               "resumes where it stopped when the script is run again): "
+               + "; ".join([*(f"seeds {s}" for s in short), *(f"`{m}` not run" for m in missing)]) + ".", ""]
     if variants:
         md += mechanisms(variants)
     for slug, (variant, report, _) in variants.items():
@@ -187,8 +194,8 @@ def lissa_section(lissa: dict[str, AttributionReport]) -> list[str]:
     return [*md, ""]
 
 
-def write_markdown(results: Results, variants: Variants, lissa: dict[str, AttributionReport], out_dir: Path,
-                   data_dir: Path, quick: bool, argv: list[str]) -> Path:
+def write_markdown(results: Results, variants: Variants, lissa: dict[str, AttributionReport], missing: list[str],
+                   out_dir: Path, data_dir: Path, quick: bool, argv: list[str]) -> Path:
     """Write ``out_dir/results.md`` and its figures; returns the path."""
     path = out_dir / "results.md"
     tail = kept_tail(path)
@@ -196,7 +203,7 @@ def write_markdown(results: Results, variants: Variants, lissa: dict[str, Attrib
     md = header(results, variants, quick)
     md += findings_section(results, variants, lissa)
     md += measured(argv, results, data_dir)
-    md += protocol(variants, figures_dir)
+    md += protocol(variants, figures_dir, missing)
     md += lissa_section(lissa)
     md += base_sections(results, figures_dir)
     md += timings_section(results, variants)
