@@ -88,3 +88,37 @@ def test_full_configs_have_the_papers_settings(name):
     # the paper could not run CG on CIFAR-10 and SST-2, nor LiSSA-H on SST-2
     paper -= {"cifar10": {"cg"}, "sst2": {"cg", "lissa_h"}}.get(name, set())
     assert labels == paper
+
+
+def test_seed_blocks_concatenate_to_the_whole_job():
+    """A variant's seed blocks, run as separate jobs, give the same gold standard as one job."""
+    import sys
+
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from lightning_fimoda import SupervisedTask
+    from lightning_fimoda.further_training import FurtherTrainingLoop
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from results.runs import concatenate, seed_blocks
+    from results.settings import VARIANTS
+
+    energy = next(v for v in VARIANTS if v.slug == "energy_sgd_drop")
+    assert [b[0] for b in seed_blocks(energy)] == list(range(0, energy.seeds, 20))
+    assert sum(len(b) for b in seed_blocks(energy)) == energy.seeds
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3), torch.randn(40, 1)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    train, test = TensorDataset(x[:30], y[:30]), TensorDataset(x[30:], y[30:])
+
+    def gold(seeds):
+        loop = FurtherTrainingLoop(SupervisedTask("mse"), lr=0.05, epochs=2, batch_size=8, seeds=seeds,
+                                   leave_out="drop", adjustments=("mean", "full"), progress=False)
+        return loop.run(model, train, test, loo_indices=[0, 1, 2])
+
+    whole, parts = gold([0, 1, 2, 3]), concatenate([gold([0, 1]), gold([2, 3])])
+    assert parts.seeds == whole.seeds
+    torch.testing.assert_close(parts.loo, whole.loo, rtol=0, atol=1e-6)
+    torch.testing.assert_close(parts.full, whole.full, rtol=0, atol=1e-6)
