@@ -202,7 +202,7 @@ def write_markdown(results: Results, variants: Variants, lissa: dict[str, Attrib
     tail = kept_tail(path)
     figures_dir = out_dir / "figures"
     md = header(results, variants, quick)
-    md += findings_section(results, variants, lissa)
+    md += findings_section(results, variants, lissa, "\n".join(tail))
     md += measured(argv, results, data_dir)
     md += protocol(variants, figures_dir, missing)
     md += lissa_section(lissa)
