@@ -336,7 +336,8 @@ class FiMODACallback(Callback):
         if gold_seconds is not None:
             info["gold_standard_seconds"] = round(gold_seconds, 3)
             info["gold_standard_run"] = getattr(plan.loop, "info", {})
-            info["gold_standard_run_dir"] = str(getattr(plan.loop, "run_dir", None))
+            run_info = getattr(plan.loop, "info", {}) or {}  # run_root: the job's own folder under it
+            info["gold_standard_run_dir"] = str(run_info.get("run_dir") or getattr(plan.loop, "run_dir", None))
         info["versions"] = library_versions()
         return info
 

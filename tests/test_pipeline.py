@@ -7,6 +7,7 @@ import inspect
 import os
 import stat
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,8 @@ def test_failing_estimator_is_reported_and_the_rest_kept(tmp_path, capsys):
     assert "## Failed estimators" in md and "boom in fit" in md
     assert (tmp_path / "estimators" / "grad_dot.safetensors").is_file()
     assert list((tmp_path / "gold").glob("*/units/*.safetensors"))  # the gold standard's default run_dir
+    run_dir = Path(report.info["gold_standard_run_dir"])  # the report names the directory actually used
+    assert run_dir.parent == tmp_path / "gold" and (run_dir / "config.json").is_file()
 
 
 def test_rerun_reuses_saved_scores_and_gold_units(tmp_path):
