@@ -118,6 +118,19 @@ class FurtherTrainingLoop:
         gold.scores("mean")  # [epochs, n_test, 100]; positive = z_j helps f(x)
     """
 
+    config_class: type[FurtherTrainingConfig] = FurtherTrainingConfig
+
+    @classmethod
+    def resolve_config(cls, config: FurtherTrainingConfig | None, settings: dict[str, Any]) -> FurtherTrainingConfig:
+        """``config``, or one built from the keyword ``settings`` (not both), of :attr:`config_class`."""
+        if config is None:
+            return cls.config_class(**settings)
+        if settings:
+            raise ConfigurationError(f"Give config= or settings as keywords, not both (got config and {sorted(settings)}).")
+        if not isinstance(config, cls.config_class):
+            raise TypeError(f"config must be a {cls.config_class.__name__}, got {type(config).__name__}.")
+        return config
+
     def __init__(
         self,
         task: AttributionTask | None = None,
@@ -134,12 +147,7 @@ class FurtherTrainingLoop:
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise TypeError(f"FurtherTrainingLoop got unknown settings {unknown}; valid: {sorted(SETTINGS)}.")
-        if config is None:
-            config = FurtherTrainingConfig(**settings)
-        elif settings:
-            raise ConfigurationError(f"Give config= or settings as keywords, not both (got config and {sorted(settings)}).")
-        elif not isinstance(config, FurtherTrainingConfig):
-            raise TypeError(f"config must be a FurtherTrainingConfig, got {type(config).__name__}.")
+        config = self.resolve_config(config, settings)
         if engine not in ENGINES:
             raise ConfigurationError(f"engine must be one of {ENGINES}, got {engine!r}.")
         if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):

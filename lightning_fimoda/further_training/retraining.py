@@ -88,6 +88,8 @@ class RetrainingLoop(FurtherTrainingLoop):
 
     config: RetrainingConfig
 
+    config_class = RetrainingConfig
+
     def __init__(
         self,
         task: Any = None,
@@ -96,13 +98,7 @@ class RetrainingLoop(FurtherTrainingLoop):
         config: RetrainingConfig | None = None,
         **options: Any,
     ) -> None:
-        settings = {k: options.pop(k) for k in list(options) if k in SETTINGS}
-        if config is None:
-            config = RetrainingConfig(**settings)
-        elif settings:
-            raise ConfigurationError(f"Give config= or settings as keywords, not both (got config and {sorted(settings)}).")
-        elif not isinstance(config, RetrainingConfig):
-            raise TypeError(f"config must be a RetrainingConfig, got {type(config).__name__}.")
+        config = self.resolve_config(config, {k: options.pop(k) for k in list(options) if k in SETTINGS})
         if (initial_weights is None) == (config.init_seed is None):
             raise ConfigurationError(
                 "RetrainingLoop needs the weights before the original training: give exactly one of "
