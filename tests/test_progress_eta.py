@@ -75,8 +75,9 @@ def test_eta_is_none_before_it_can_be_measured_and_the_bar_shows_it():
 def test_eta_after_the_first_unit_is_within_20_percent_on_a_real_job():
     """Measured: 5 units on the vectorised engine. The machine is shared, so the best of 3 attempts
     must be within 20% (each attempt is a full job with its own timing). Wall-clock ETAs mean nothing
-    while other jobs take the cores, so the test skips when the load average exceeds the core count."""
-    if os.getloadavg()[0] > (os.cpu_count() or 1):
+    while other jobs take the cores, so the test skips when the load average exceeds 1.5x the core count
+    (the suite's own threads account for about 1x)."""
+    if os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1):
         pytest.skip(f"machine busy (load average {os.getloadavg()[0]:.1f}): wall-clock ETAs are not comparable")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)).double()
