@@ -109,3 +109,23 @@ def test_kernel_chunks_follow_the_cache_budget_and_the_last_short_batch():
         torch.testing.assert_close(got_v, want_v, rtol=1e-12, atol=1e-12)
         for n in params:
             torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("cache_bytes", [300, 1 << 20], ids=["chunks", "one-chunk"])
+def test_kernel_measurement_matches_the_task(name, cache_bytes):
+    """The engine's test measurements by the kernel's forward: the task's ``f`` (its per-example loss)
+    of every member on one shared batch, against ``vmap`` of the task through the module."""
+    from lightning_fimoda.functional import FunctionalTask
+
+    build, loss = MODELS[name]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    params = stacked(model)
+    x = torch.randn(R + 2, 3, dtype=torch.float32)  # float32 data, float64 model: cast like the task's call
+    y = torch.randn(R + 2, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, 11, (R + 2,))
+    task = SupervisedTask(loss)
+    want = vmap(FunctionalTask(model, task).measurement, in_dims=(0, None))(params, (x.double(), y))
+    got = MLPKernel(model, task, cache_bytes=cache_bytes).measurement(params, (x, y))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert float(want.std()) > 1e-3

@@ -76,7 +76,7 @@ def run_vectorised(
     optimizer = StackedOptimizer(spec.config)
     state = optimizer.init(params)
     step_grad = _gradient_fn(fn, spec, members, train_dataset, params, kernel)
-    measure = vmap(fn.measurement, in_dims=(0, None))
+    measure = kernel.measurement if kernel is not None else vmap(fn.measurement, in_dims=(0, None))
 
     measured: list[Tensor] = []
     with eval_mode(fn.model):

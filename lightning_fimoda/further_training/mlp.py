@@ -126,14 +126,38 @@ class MLPKernel:
         grads = self._grad_buffers(params)
         value = w.new_empty(k)
         x = x if x.dtype == w.dtype else x.to(w.dtype)
-        c = k  # one chunk on an accelerator (chunks cost launches) and on several threads (synchronisations)
-        if x.device.type == "cpu" and torch.get_num_threads() == 1:
-            c = max(1, self.cache_bytes // (r * self.width * w.element_size()))
-        work = self._workspace(min(c, k), r, x)
+        c = self._chunk_size(k, r, x)
+        work = self._workspace(c, r, x)
         for k0 in range(0, k, c):
             part = slice(k0, k0 + c)
             self._chunk(params, grads, part, (x[part], y[part], w[part]), work, value[part])
         return dict(grads), value
+
+    def measurement(self, params: dict[str, Tensor], batch: Any) -> Tensor:
+        """``f`` of every member on one batch, ``[K, B]``: the task's measurement (SupervisedTask's
+        per-example loss), by the kernel's forward pass (the engine's test measurements)."""
+        x, y = self.unpack(batch)
+        first = next(iter(params.values()))
+        k, r = first.shape[0], x.shape[0]
+        if x.dim() != 2:
+            raise ValueError(f"The 'mlp' engine needs flat feature vectors per example, got {tuple(x.shape)}.")
+        x = x.to(first.dtype).expand(k, *x.shape)
+        y = y.expand(k, *y.shape)
+        c = self._chunk_size(k, r, x)
+        work = self._workspace(c, r, x)
+        values = x.new_empty(k, r)
+        for k0 in range(0, k, c):
+            part = slice(k0, k0 + c)
+            out = self._forward(params, part, x[part], work)[-1][2]
+            values[part] = self._loss_and_grad(out, y[part])[0]
+        return values
+
+    def _chunk_size(self, k: int, r: int, like: Tensor) -> int:
+        """Members per chunk: one chunk on an accelerator (chunks cost launches) and on several threads
+        (synchronisations); on one CPU thread, as many as fit ``cache_bytes`` at ``[R, width]`` each."""
+        if like.device.type == "cpu" and torch.get_num_threads() == 1:
+            return min(k, max(1, self.cache_bytes // (r * self.width * like.element_size())))
+        return k
 
     def _grad_buffers(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """Gradient buffers shaped like ``params``, kept between calls (reallocated when they differ)."""
