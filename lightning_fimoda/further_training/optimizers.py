@@ -98,6 +98,8 @@ class StackedOptimizer:
             step += 1
         else:
             step += active.to(step.dtype)
+        # the fused kernel walks each tensor's memory in order: all four must share one (contiguous) layout
+        grads = {n: g.contiguous() for n, g in grads.items()}
         tensors = (params, grads, state["exp_avg"], state["exp_avg_sq"])
         steps32 = step.float()  # the kernel's step type (torch.optim's fused state)
         if active is None and bool((step == step[0]).all()):
