@@ -14,6 +14,8 @@ interleaved repeat by repeat (each timing is the median over ``--repeats``):
 - the generic ``torch.func.vmap(grad)`` path (``engine="vectorised"``), SGD;
 - the naive loop (``engine="sequential"``: deep copy + ``torch.optim`` per run), SGD and Adam, on a
   subset of runs, extrapolated per run to all 101 runs (the subset is stated in the output).
+- with ``--groups 4,8,...``: temporal blocking's best case, runs trained ``g`` at a time with their state
+  in cache from step to step (:func:`group_bound`), SGD and Adam.
 
 Achieved GFLOP/s counts the matmul FLOPs of training only (forward ``2·W`` per row, weight gradients
 ``2·W``, input gradients ``2·(W − W_1)``; ``W`` = weights of all Linear layers, ``W_1`` = first layer's),
@@ -37,7 +39,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_fimoda import SupervisedTask
-from lightning_fimoda.further_training import FurtherTrainingLoop
+from lightning_fimoda.further_training import FurtherTrainingConfig, FurtherTrainingLoop
+from lightning_fimoda.further_training.mlp import MLPKernel
+from lightning_fimoda.further_training.optimizers import StackedOptimizer
 
 CLOCKS = ("wall", "cpu")
 
@@ -95,15 +99,55 @@ def matmul_gflops(square: int, k: int, rows: int, width: int) -> dict[str, tuple
     return rates
 
 
-def training_flops(model: nn.Module, n: int, batch: int, epochs: int, m: int, full: bool) -> int:
-    """Matmul FLOPs of training ``m`` subtract-LOO runs (+ the full run) for ``epochs`` epochs."""
+def row_flops(model: nn.Module) -> int:
+    """Matmul FLOPs of one training row: forward ``2·W``, weight gradients ``2·W``, input gradients
+    ``2·(W − W_1)``."""
     linears = [mod for mod in model.modules() if isinstance(mod, nn.Linear)]
     w = sum(mod.in_features * mod.out_features for mod in linears)
     w1 = linears[0].in_features * linears[0].out_features
-    per_row = 2 * w + 2 * w + 2 * (w - w1)
+    return 2 * w + 2 * w + 2 * (w - w1)
+
+
+def training_flops(model: nn.Module, n: int, batch: int, epochs: int, m: int, full: bool) -> int:
+    """Matmul FLOPs of training ``m`` subtract-LOO runs (+ the full run) for ``epochs`` epochs."""
     steps = epochs * math.ceil(n / batch)
     rows = m * (epochs * n + steps) + (epochs * n if full else 0)
-    return per_row * rows
+    return row_flops(model) * rows
+
+
+def group_bound(args: argparse.Namespace, groups: list[int]) -> dict[tuple[str, int], float]:
+    """Temporal blocking of the runs, its best case: ``{(optimizer, g): GFLOP/s}`` (CPU time).
+
+    ``g`` stacked runs step repeatedly on one ``subtract`` batch (128 shared rows + each run's ``z_j``)
+    through the MLP kernel and the stacked optimizer, so their parameters, gradients, optimizer state and
+    activations stay in cache from step to step, and nothing else runs (no data loading, checks or
+    measurements): a grouped engine training ``g`` runs at a time for the whole schedule could not be
+    faster. Interleaved over ``g``, medians of ``--repeats``.
+    """
+    model, train, _ = energy_like()
+    x, y = train.tensors
+    cases = {}
+    for opt, lr in (("sgd", 3e-2), ("adam", 1e-3)):
+        for g in groups:
+            xs = torch.cat([x[:128].expand(g, 128, x.shape[1]), x[128 : 128 + g].unsqueeze(1)], 1)
+            ys = torch.cat([y[:128].expand(g, 128, 1), y[128 : 128 + g].unsqueeze(1)], 1)
+            w = torch.full((g, 129), 1 / 128)
+            w[:, -1] = -1 / len(train)
+            params = {n: p.detach().unsqueeze(0).repeat(g, *([1] * p.dim())) for n, p in model.named_parameters()}
+            optimizer = StackedOptimizer(FurtherTrainingConfig(epochs=1, optimizer=opt, lr=lr))
+            state = optimizer.init(params)
+            cases[opt, g] = (MLPKernel(model, SupervisedTask("mse")), params, optimizer, state, (xs, ys, w))
+    seconds = {key: [] for key in cases}
+    for _ in range(args.repeats):
+        for (opt, g), (kernel, params, optimizer, state, batch) in cases.items():
+            steps = max(4, 400 // g)
+
+            def train_steps(kernel=kernel, params=params, optimizer=optimizer, state=state, batch=batch, steps=steps):
+                for _ in range(steps):
+                    optimizer.step(params, kernel.grad_and_value(params, *batch)[0], state)
+
+            seconds[opt, g].append(timed(train_steps)[2] / steps)
+    return {(opt, g): row_flops(model) * 129 * g / statistics.median(t) / 1e9 for (opt, g), t in seconds.items()}
 
 
 WAYS = {  # name: (engine, optimizer, lr)
@@ -152,6 +196,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--square", type=int, default=1024, help="side of the reference square GEMM")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--groups", default="", help="comma-separated group sizes g: also measure temporal blocking's best case"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,6 +237,17 @@ def main() -> None:
             report[f"{clock}: {way}"] = {"seconds": sec, "gflops": rate, "of_square": rate / square}
         report[f"{clock}: gemm"] = {"square": square, "kernel_shape": shape}
     print("\nmax relative difference to the naive loop:", {w: f"{d:.1e}" for w, d in m["diff"].items()})
+    if args.groups:
+        groups = [int(g) for g in args.groups.split(",")]
+        bound = group_bound(args, groups)
+        square = med["square", "cpu"]
+        print("\n[CPU time] temporal blocking, best case (see group_bound): runs trained g at a time")
+        print("| g | SGD GFLOP/s | SGD % of square GEMM | Adam GFLOP/s | Adam % of square GEMM |")
+        print("|---:|---:|---:|---:|---:|")
+        for g in groups:
+            sgd, adam = bound["sgd", g], bound["adam", g]
+            print(f"| {g} | {sgd:.1f} | {100 * sgd / square:.0f}% | {adam:.1f} | {100 * adam / square:.0f}% |")
+        report["group_bound_gflops"] = {f"{opt} g={g}": rate for (opt, g), rate in bound.items()}
     print(json.dumps(report))
 
 

@@ -1,5 +1,6 @@
 """The hand-written MLP kernel (further_training/mlp.py) against torch.func gradients of the same
-weighted losses, with the members split over several cache-sized chunks."""
+weighted losses, with the members split over several cache-sized chunks; the stacked optimizer's fused
+Adam path against torch.optim."""
 
 from __future__ import annotations
 
@@ -109,3 +110,56 @@ def test_kernel_chunks_follow_the_cache_budget_and_the_last_short_batch():
         torch.testing.assert_close(got_v, want_v, rtol=1e-12, atol=1e-12)
         for n in params:
             torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("cache_bytes", [300, 1 << 20], ids=["chunks", "one-chunk"])
+def test_kernel_measurement_matches_the_task(name, cache_bytes):
+    """The engine's test measurements by the kernel's forward: the task's ``f`` (its per-example loss)
+    of every member on one shared batch, against ``vmap`` of the task through the module."""
+    from lightning_fimoda.functional import FunctionalTask
+
+    build, loss = MODELS[name]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    params = stacked(model)
+    x = torch.randn(R + 2, 3, dtype=torch.float32)  # float32 data, float64 model: cast like the task's call
+    y = torch.randn(R + 2, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, 11, (R + 2,))
+    task = SupervisedTask(loss)
+    want = vmap(FunctionalTask(model, task).measurement, in_dims=(0, None))(params, (x.double(), y))
+    got = MLPKernel(model, task, cache_bytes=cache_bytes).measurement(params, (x, y))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert float(want.std()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fused_adam_with_non_contiguous_gradients_matches_torch_optim(name):
+    """``vmap(grad)`` can return gradients in another memory layout than the parameters (a BERT model's
+    did); the fused kernel walks memory in order, so the layouts must agree (this failed at 1e-2)."""
+    from lightning_fimoda.further_training import FurtherTrainingConfig
+    from lightning_fimoda.further_training.optimizers import StackedOptimizer
+
+    torch.manual_seed(0)
+    opt = StackedOptimizer(FurtherTrainingConfig(epochs=1, optimizer=name, lr=0.01, weight_decay=0.1))
+    start = {"w": torch.randn(3, 4, 2, dtype=torch.float64), "b": torch.randn(3, 2, dtype=torch.float64)}
+    grads = [
+        {"w": torch.randn(3, 2, 4, dtype=torch.float64).mT, "b": torch.randn(2, 3, dtype=torch.float64).T}
+        for _ in range(4)
+    ]
+    assert not grads[0]["w"].is_contiguous()
+    stacked = {n: p.clone() for n, p in start.items()}
+    state = opt.init(stacked)
+    active = torch.tensor([True, False, True])
+    for step, g in enumerate(grads):  # step 1: one model sits out; then step counts differ
+        opt.step(stacked, g, state, active if step == 1 else None)
+    for k in range(3):
+        ref = {n: p[k].clone().requires_grad_() for n, p in start.items()}
+        torch_opt = opt.torch_optimizer(ref.values())
+        for step, g in enumerate(grads):
+            if step == 1 and not active[k]:
+                continue
+            for n, p in ref.items():
+                p.grad = g[n][k].clone()
+            torch_opt.step()
+        for n in start:
+            torch.testing.assert_close(stacked[n][k], ref[n].detach(), rtol=1e-12, atol=1e-14)
