@@ -163,3 +163,43 @@ def test_fused_adam_with_non_contiguous_gradients_matches_torch_optim(name):
             torch_opt.step()
         for n in start:
             torch.testing.assert_close(stacked[n][k], ref[n].detach(), rtol=1e-12, atol=1e-14)
+
+
+def _energy_step_case(dtype: torch.dtype, compiled: bool) -> None:
+    """``benchmarks/further_training.energy_step`` (the compiled variants' step, SGD fused) against the
+    kernel's gradients and losses and ``θ − lr·g``; 5 runs in chunks of 2 and 3."""
+    from benchmarks.further_training import energy_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)).to(dtype)
+    k, r, lr = 5, 7, 0.1
+    params = {n: p.detach() + 0.1 * torch.randn(k, *p.shape, dtype=dtype) for n, p in model.named_parameters()}
+    x, y, w = torch.randn(k, r, 8, dtype=dtype), torch.randn(k, r, 1, dtype=dtype), torch.rand(k, r, dtype=dtype)
+    grads, value = MLPKernel(model, SupervisedTask("mse")).grad_and_value(params, x, y, w)
+    step = energy_step(3, lr)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, dynamic=False)
+    stepped = [p.clone() for p in params.values()]
+    *got, got_value = step(stepped, x, y, w)
+    tol = 1e-6 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(got_value, value, rtol=tol, atol=tol * float(value.abs().max()))
+    for (n, p), g, new in zip(params.items(), got, stepped):
+        scale = float(grads[n].abs().max())
+        torch.testing.assert_close(g, grads[n], rtol=tol, atol=tol * scale)
+        torch.testing.assert_close(new, p - lr * grads[n], rtol=tol, atol=tol * scale)
+        assert scale > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_benchmark_energy_step_matches_the_kernel(dtype):
+    _energy_step_case(dtype, compiled=False)
+
+
+@pytest.mark.slow
+def test_benchmark_energy_step_compiled_matches_the_kernel():
+    """The same step through ``torch.compile`` (inductor generates and builds C++), float32."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler (g++/c++) on PATH: inductor cannot build CPU kernels")
+    _energy_step_case(torch.float32, compiled=True)
