@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from .._data import load_batch
 from ..functional import FunctionalTask, eval_mode
 
 __all__ = ["TANGENT_ROWS", "activation_bytes", "plan_chunks", "slice_batch"]
@@ -38,13 +37,13 @@ TANGENT_ROWS = 4  # P-sized buffers per tangent in flight (as VMAP_FACTOR for pe
 MIN_EXAMPLES = 8  # examples per slice below which fewer tangents per group are taken instead
 
 
-def activation_bytes(fn: FunctionalTask, dataset: Any, indices: Tensor, device: torch.device) -> int:
-    """Bytes autograd saves for one more example in a forward pass of ``fn.outputs`` (the difference
-    between 2 examples and 1, so the parameters saved once per pass do not count; 1 example's total when
-    only one is given)."""
+def activation_bytes(fn: FunctionalTask, batch: Any, batch_len: int) -> int:
+    """Bytes autograd saves for one more example in a forward pass of ``fn.outputs`` over the first
+    examples of a loaded ``batch`` (so padded inputs, e.g. token sequences, have the batch's length): the
+    difference between 2 examples and 1, so the parameters saved once per pass do not count (1 example's
+    total when the batch has only one)."""
     saved = []
-    for m in (1, 2)[: min(2, indices.numel())]:
-        batch = load_batch(fn.task, dataset, indices[:m], device)
+    for m in (1, 2)[: min(2, batch_len)]:
         total = [0]
 
         def pack(t: Tensor, total: list[int] = total) -> Tensor:
@@ -53,7 +52,7 @@ def activation_bytes(fn: FunctionalTask, dataset: Any, indices: Tensor, device: 
 
         params = {name: p.detach().requires_grad_(True) for name, p in fn.params.items()}
         with eval_mode(fn.model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn.outputs(params, batch)
+            fn.outputs(params, slice_batch(batch, 0, m))
         saved.append(total[0])
     return max(1, saved[-1] - saved[0] if len(saved) == 2 else saved[0])
 

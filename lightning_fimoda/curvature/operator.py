@@ -154,7 +154,8 @@ class CurvatureOperator:
     def example_activation_bytes(self) -> int:
         """Bytes autograd saves per example in a forward pass (measured once, shared with subsets)."""
         if self._activation_bytes is None:
-            self._activation_bytes = activation_bytes(self.fn, self.dataset, self.indices, self.device)
+            lengths = self.batch_lengths()  # none on a rank with an empty shard: no products to plan
+            self._activation_bytes = activation_bytes(self.fn, self.batches()[0], lengths[0]) if lengths else 1
         return self._activation_bytes
 
     def batch_lengths(self) -> list[int]:
