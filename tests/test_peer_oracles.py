@@ -12,8 +12,9 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
-from lightning_fimoda import FunctionalTask, SupervisedTask, build_estimator
+from lightning_fimoda import FunctionalTask, SupervisedTask, attribute, build_estimator
 from lightning_fimoda.curvature import CurvatureOperator
 from lightning_fimoda.solvers import SOLVERS
 
@@ -172,3 +173,86 @@ def test_captum_arnoldi_keeps_the_largest_eigenvalues_of_the_damped_hessian(arno
     expected = projected_scores(arnoldi_setup, top_algebraic(evals)) / n
     torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-8 * expected.abs().max().item())
     assert (scores - projected_scores(arnoldi_setup, top_magnitude(evals)) / n).abs().max() > 0.1 * expected.abs().max()
+
+
+# --- EK-FAC (issue 17: dattri's CIFAR EK-FAC row disagrees with ours) -------------------------------------
+EKFAC_DAMPING = 1e-3
+
+
+@pytest.fixture(scope="module")
+def ekfac_setup():
+    """A tiny float64 classifier; per-example inputs ``a`` ``[n, 6]`` and output gradients ``s`` ``[n, 3]``
+    (true labels: the empirical Fisher) of its last layer ``2`` (``W`` ``[3, 6]``, no bias)."""
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3, bias=False)).double()
+    train = TensorDataset(torch.randn(40, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (40,), generator=gen))
+    test = TensorDataset(torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen))
+
+    def layer_factors(data):
+        x, y = data.tensors
+        a = model[1](model[0](x)).detach()
+        z = (a @ model[2].weight.detach().T).requires_grad_(True)
+        torch.nn.functional.cross_entropy(z, y, reduction="sum").backward()
+        return a, z.grad
+
+    return model, train, test, layer_factors(train), layer_factors(test)
+
+
+def ekfac_oracle(setup, rotate, q: tuple | None = None) -> torch.Tensor:
+    """Dense EK-FAC scores ``g_x (Q Λ Qᵀ + λ)^{-1} g_j`` ``[n_test, n_train]`` of layer ``2``: ``Q_A``, ``Q_S``
+    the eigenvectors (columns) of ``E[a aᵀ]``, ``E[s sᵀ]``, ``Λ = E[R(s aᵀ)²]`` for the rotation
+    ``R = rotate(q_s, q_a)`` (George et al. 2018: ``R(G) = Q_Sᵀ G Q_A``); ``q = (q_a, q_s)`` to give the
+    eigenvectors (the transposed rotation depends on their signs)."""
+    _, _, _, (a, s), (a_test, s_test) = setup
+    q_a, q_s = q or (torch.linalg.eigh(a.T @ a / len(a))[1], torch.linalg.eigh(s.T @ s / len(s))[1])
+    there, back = rotate(q_s, q_a)
+    grads, test_grads = torch.einsum("no,ni->noi", s, a), torch.einsum("no,ni->noi", s_test, a_test)
+    lam = there(grads).pow(2).mean(0)
+    precond = back(there(test_grads) / (lam + EKFAC_DAMPING))
+    return torch.einsum("toi,noi->tn", precond, grads)
+
+
+def eigenbasis(q_s, q_a):  # Q_Sᵀ G Q_A: coordinates in the Kronecker eigenbasis (eigh's columns)
+    return (lambda g: q_s.T @ g @ q_a), (lambda c: q_s @ c @ q_a.T)
+
+
+def transposed(q_s, q_a):  # Q_S G Q_Aᵀ: the columns taken as rows (dattri 0.3.0, fisher.py)
+    return (lambda g: q_s @ g @ q_a.T), (lambda c: q_s.T @ c @ q_a)
+
+
+def test_ours_ekfac_matches_the_dense_kronecker_eigenbasis(ekfac_setup):
+    model, train, test = ekfac_setup[:3]
+    spec = {"name": "ekfac", "damping": EKFAC_DAMPING, "params": ["2.weight"], "fisher": "empirical", "label": "e"}
+    scores = attribute(model, SupervisedTask("cross_entropy"), train, test, [spec])["e"]  # τ = (1/n) …
+    expected = ekfac_oracle(ekfac_setup, eigenbasis) / len(train)
+    torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+
+
+def test_dattri_ekfac_rotates_with_the_transposed_eigenvectors(ekfac_setup):
+    """dattri 0.3.0 (``estimate_lambda``, ``IFAttributorEKFAC.transform_test_rep``) rotates by
+    ``Q_S G Q_Aᵀ`` with ``Q`` from ``torch.linalg.eigh`` (eigenvectors in columns): its corrected
+    eigenvalues and inverse live in the wrong basis. Its scores equal that transposed oracle to float32 precision and
+    miss the true EK-FAC (cosine 0.85 here) — dattri is wrong, not ours."""
+    pytest.importorskip("dattri")
+    from dattri.algorithm import IFAttributorEKFAC
+    from dattri.task import AttributionTask
+    from torch.utils.data import DataLoader
+
+    model, train, test = ekfac_setup[:3]
+
+    def loss(params, data):  # dattri 0.3.0 backpropagates this output (the documented (loss, mask) fails)
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, (data[0],)), data[1])
+
+    task = AttributionTask(loss_func=loss, model=model,
+                           checkpoints={k: v.detach() for k, v in model.state_dict().items()})
+    att = IFAttributorEKFAC(task, module_name="2", damping=EKFAC_DAMPING)
+    att.cache(DataLoader(train, batch_size=len(train)))
+    scores = att.attribute(DataLoader(train, batch_size=len(train)), DataLoader(test, batch_size=len(test))).T
+    scores = scores.double()  # dattri returns float32 scores (computed in float64 here)
+    (a, s), (q_a, q_s) = ekfac_setup[3], att.cached_q["2"]
+    for q, cov in ((q_a, a.T @ a / len(a)), (q_s, s.T @ s / len(s))):  # its Q: eigenvectors in columns
+        torch.testing.assert_close(q.T @ cov @ q, torch.diag(torch.linalg.eigvalsh(cov)), rtol=0, atol=1e-12)
+    wrong, right = ekfac_oracle(ekfac_setup, transposed, (q_a, q_s)), ekfac_oracle(ekfac_setup, eigenbasis)
+    torch.testing.assert_close(scores, wrong, rtol=1e-5, atol=1e-6 * wrong.abs().max().item())
+    assert torch.nn.functional.cosine_similarity(scores, right, dim=1).mean() < 0.9
