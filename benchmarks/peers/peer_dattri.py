@@ -130,8 +130,8 @@ def trak(p: Problem) -> Tensor:
         out = torch.func.functional_call(p.model, params, (x.unsqueeze(0),))[0]
         if p.loss_kind == "mse":
             return out.sum()
-        others = out.masked_fill(torch.nn.functional.one_hot(y, out.shape[-1]).bool(), float("-inf"))
-        return out[y] - torch.logsumexp(others, dim=-1)
+        label = torch.arange(out.shape[-1]) == y  # no out[y]: vmap forbids data-dependent indexing
+        return (out * label).sum() - torch.logsumexp(out.masked_fill(label, float("-inf")), dim=-1)
 
     def correct_prob(params, data):  # dattri weights train features by Q = 1 - "p"
         if p.loss_kind == "mse":  # Q = ∂ℓ/∂o = 2(o - y), as in our TRAK: "p" = 1 - 2(o - y)
