@@ -45,3 +45,11 @@ def test_dattri_grad_dot_matches_ours(tiny):
     theirs = peer_dattri.grad_dot(tiny)
     assert theirs.shape == mine.shape
     torch.testing.assert_close(theirs, mine, rtol=1e-3, atol=1e-5)
+
+
+def test_method_rows_runs_only_the_named_peers(tiny):
+    from benchmarks.peers.__main__ import method_rows
+
+    rows = method_rows(tiny, "grad_dot", repeats=1, deadline=float("inf"), only=["kronfluence"])
+    assert [r.peer for r in rows] == ["kronfluence"]
+    assert rows[0].reason or rows[0].cells()[-2] == "1.0000"  # cosine to ours, or why it could not run

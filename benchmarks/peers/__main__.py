@@ -53,13 +53,14 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def method_rows(p: problems.Problem, method: str, repeats: int, deadline: float) -> list[Row]:
+def method_rows(p: problems.Problem, method: str, repeats: int, deadline: float,
+                only: list[str] | None = None) -> list[Row]:
     peers, reasons, notes = {}, {}, {}
     k = p.settings.get("tests_for", {}).get(method)
     p = p.with_tests(k) if k and k < len(p.test) else p
     factor = p.settings.get("damping_for", {}).get(method)  # e.g. LiSSA (exact) needs H + λI ≻ 0
     p = replace(p, damping=factor * p.lambda_g) if factor else p
-    for name in OFFERED[method]:
+    for name in [n for n in OFFERED[method] if only is None or n in only]:
         mod = PEERS[name]
         if method.startswith("grad_dot (") and "tracked_params" not in p.settings:
             reasons[name] = "same as grad_dot: kronfluence tracks every layer of this model"
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny problems, 2 repeats: a smoke run")
     ap.add_argument("--problems", nargs="+", default=["concrete", "cifar"], choices=["concrete", "cifar"])
     ap.add_argument("--methods", nargs="+", default=list(OFFERED), choices=list(OFFERED))
+    ap.add_argument("--peers", nargs="+", default=None, choices=list(PEERS), help="only these peers (default all)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per library (default 3; --quick 2)")
     ap.add_argument("--cifar-train", type=int, default=2000, help="CIFAR-10 training images")
     ap.add_argument("--cifar-test", type=int, default=20, help="CIFAR-10 test images")
@@ -113,7 +115,7 @@ def main() -> None:
         print(f"\n{name}: {len(p.train)} train x {len(p.test)} test, {p.n_params} parameters, {p.loss_kind}; "
               f"{p.note}; λ_G={p.lambda_g:.3g}, damping λ={p.damping:.3g}")
         for method in args.methods:
-            new = method_rows(p, method, repeats, deadline)
+            new = method_rows(p, method, repeats, deadline, args.peers)
             for r in new:
                 print(" | ".join(r.cells()), flush=True)
             rows += new

@@ -57,7 +57,8 @@ METHODS: dict[str, Callable[[Problem], dict]] = {
                                             "depth": p.settings["lissa_full_depth"]},
     "arnoldi (exact)": _influence("arnoldi", "exact"),
     "datainf": lambda p: {"name": "datainf", "damping_scale": 0.1},
-    "ekfac": lambda p: {"name": "ekfac", "damping": p.settings["ekfac_damping"],
+    # the empirical Fisher (true labels), as dattri's EK-FAC; kronfluence's default samples labels
+    "ekfac": lambda p: {"name": "ekfac", "damping": p.settings["ekfac_damping"], "fisher": "empirical",
                         **({"params": p.settings["ekfac_params"]} if p.settings.get("ekfac_params") else {})},
     "trak": lambda p: {"name": "trak", "proj_dim": p.settings["proj_dim"], "lambda_reg": 0.0},
 }
