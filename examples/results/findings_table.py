@@ -17,7 +17,6 @@ from .findings import (
     seeds,
     sgd_reports,
 )
-from .settings import PAPER
 
 # Why a finding holds or not here, by finding and verdict (written from the measured runs; the verdict
 # itself is computed). "*": any verdict.
@@ -79,8 +78,8 @@ def findings_section(results: dict[str, Any], variants: Variants, lissa: dict[st
     add("CG and LiSSA agree less at first but are stable (no decay)", "second", second_order(sgd))
     add("LiSSA with the true Hessian and TRAK (M = 1) agree poorly", "poor", poor(sgd, failed))
     seed_text, seed_result = seeds(variants, mech)
-    other_gain = [f"{PAPER[v.name]['title']} {mechanism_gain(r):+.3f}" for v, r in sgd_reports(variants, other)]
-    mech_gain = [f"{PAPER[v.name]['title']} {mechanism_gain(r):+.3f}" for v, r in sgd]
+    other_gain = [f"{v.title} {mechanism_gain(r):+.3f}" for v, r in sgd_reports(variants, other)]
+    mech_gain = [f"{v.title} {mechanism_gain(r):+.3f}" for v, r in sgd]
     seed_text += (f". Mean rise over estimators, `{mech}`: " + ", ".join(mech_gain) + f"; `{other}`: "
                   + (", ".join(other_gain) or "not run")) if mech_gain else ""
     add(f"Averaging more seeds raises every method's agreement (Fig. 3, 7–9); here with `{mech}`", "seeds",

@@ -104,7 +104,8 @@ def protocol(variants: Variants, figures_dir: Path, missing: list[str]) -> list[
     md = ["## The paper's protocol: horizons, seeds, leave-out mechanism, Adam", "",
           "Further gold standards from each base run's final model (`examples/results/settings.py`, "
           "`VARIANTS`). Reduced from the paper to fit this machine: the LOO set (m' of the 100 scored "
-          "instances) and, for FICO HELOC, the horizon (see the note below the table). The last column "
+          "instances) and, where fewer than 100, the seeds; FICO HELOC's further training follows the paper but its "
+          "final model does not (see the note below the table). The last column "
           "extrapolates the measured wall time to the paper's S = 100 seeds × (m = 100 + 1) runs at this session's "
           "rate: the machine's 2 cores were shared by up to ~16 busy processes, about 20x slower than a free core. "
           "On one free core the engine takes about 2.6 ms per run and epoch on Energy (691 examples; about 30 ms "
@@ -156,7 +157,7 @@ def variant_section(slug: str, variant: Any, report: AttributionReport, figures_
     gold = report.require_gold()
     at = variant_at(report, variant)
     fig = variant_figures(slug, report, figures_dir)
-    title = PAPER[variant.name]["title"]
+    title = variant.title
     md = [f"### {title}: {variant.optimizer.upper()} lr {variant.lr:g}, `{variant.leave_out}`, "
           f"{variant.epochs} epochs, {len(gold.seeds)} seeds (`{slug}`)", "",
           f"{gold.test_indices.numel()} test × {gold.loo_indices.numel()} LOO instances, checkpoints every "
