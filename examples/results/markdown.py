@@ -108,7 +108,7 @@ def protocol(variants: Variants, figures_dir: Path, missing: list[str]) -> list[
           "final model does not (see the note below the table). The last two columns give the measured wall time "
           "per run and epoch and extrapolate it to the paper's S = 100 seeds × (m = 100 + 1) runs: wall clock on the "
           "machine's 2 cores while other work shared them (up to ~16 busy processes in the session of the first "
-          "Energy and Concrete seeds, ~5 in the later one), so the rate of a free core is at least as good as the "
+          "Energy and Concrete seeds, 4–8 in the later one), so the rate of a free core is at least as good as the "
           "best row.", ""]
     md += table(VARIANT_HEAD, [variant_row(v, r, s) for v, r, s in variants.values()],
                 "---|---|---|---:|---:|---:|---:|---:|---:|---:")
