@@ -14,6 +14,11 @@ interleaved repeat by repeat (each timing is the median over ``--repeats``):
 - the generic ``torch.func.vmap(grad)`` path (``engine="vectorised"``), SGD;
 - the naive loop (``engine="sequential"``: deep copy + ``torch.optim`` per run), SGD and Adam, on a
   subset of runs, extrapolated per run to all 101 runs (the subset is stated in the output).
+- with ``--groups 4,8,...``: temporal blocking's best case, runs trained ``g`` at a time with their state
+  in cache from step to step (:func:`group_bound`), SGD and Adam;
+- with ``--compiled``: one training step of all runs through ``torch.compile`` (inductor; default mode
+  and max-autotune, SGD apart or fused into the graph) against the MLP kernel (:func:`compiled_bound`),
+  per step, with the one-off compile timed apart.
 
 Achieved GFLOP/s counts the matmul FLOPs of training only (forward ``2·W`` per row, weight gradients
 ``2·W``, input gradients ``2·(W − W_1)``; ``W`` = weights of all Linear layers, ``W_1`` = first layer's),
@@ -37,7 +42,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_fimoda import SupervisedTask
-from lightning_fimoda.further_training import FurtherTrainingLoop
+from lightning_fimoda.further_training import FurtherTrainingConfig, FurtherTrainingLoop
+from lightning_fimoda.further_training.mlp import MLPKernel
+from lightning_fimoda.further_training.optimizers import StackedOptimizer
 
 CLOCKS = ("wall", "cpu")
 
@@ -95,15 +102,139 @@ def matmul_gflops(square: int, k: int, rows: int, width: int) -> dict[str, tuple
     return rates
 
 
-def training_flops(model: nn.Module, n: int, batch: int, epochs: int, m: int, full: bool) -> int:
-    """Matmul FLOPs of training ``m`` subtract-LOO runs (+ the full run) for ``epochs`` epochs."""
+def row_flops(model: nn.Module) -> int:
+    """Matmul FLOPs of one training row: forward ``2·W``, weight gradients ``2·W``, input gradients
+    ``2·(W − W_1)``."""
     linears = [mod for mod in model.modules() if isinstance(mod, nn.Linear)]
     w = sum(mod.in_features * mod.out_features for mod in linears)
     w1 = linears[0].in_features * linears[0].out_features
-    per_row = 2 * w + 2 * w + 2 * (w - w1)
+    return 2 * w + 2 * w + 2 * (w - w1)
+
+
+def training_flops(model: nn.Module, n: int, batch: int, epochs: int, m: int, full: bool) -> int:
+    """Matmul FLOPs of training ``m`` subtract-LOO runs (+ the full run) for ``epochs`` epochs."""
     steps = epochs * math.ceil(n / batch)
     rows = m * (epochs * n + steps) + (epochs * n if full else 0)
-    return per_row * rows
+    return row_flops(model) * rows
+
+
+def subtract_step_inputs(model: nn.Module, train: TensorDataset, g: int) -> tuple[dict, tuple]:
+    """``g`` stacked copies of ``model``'s parameters and one ``subtract`` batch for them: 128 shared rows
+    plus each run's own ``z_j`` (weight ``−1/n``), ``(x [g, 129, d], y [g, 129, 1], w [g, 129])``."""
+    x, y = train.tensors
+    xs = torch.cat([x[:128].expand(g, 128, x.shape[1]), x[128 : 128 + g].unsqueeze(1)], 1)
+    ys = torch.cat([y[:128].expand(g, 128, 1), y[128 : 128 + g].unsqueeze(1)], 1)
+    w = torch.full((g, 129), 1 / 128)
+    w[:, -1] = -1 / len(train)
+    params = {n: p.detach().unsqueeze(0).repeat(g, *([1] * p.dim())) for n, p in model.named_parameters()}
+    return params, (xs, ys, w)
+
+
+def group_bound(args: argparse.Namespace, groups: list[int]) -> dict[tuple[str, int], float]:
+    """Temporal blocking of the runs, its best case: ``{(optimizer, g): GFLOP/s}`` (CPU time).
+
+    ``g`` stacked runs step repeatedly on one ``subtract`` batch (128 shared rows + each run's ``z_j``)
+    through the MLP kernel and the stacked optimizer, so their parameters, gradients, optimizer state and
+    activations stay in cache from step to step, and nothing else runs (no data loading, checks or
+    measurements): a grouped engine training ``g`` runs at a time for the whole schedule could not be
+    faster. Interleaved over ``g``, medians of ``--repeats``.
+    """
+    model, train, _ = energy_like()
+    cases = {}
+    for opt, lr in (("sgd", 3e-2), ("adam", 1e-3)):
+        for g in groups:
+            params, (xs, ys, w) = subtract_step_inputs(model, train, g)
+            optimizer = StackedOptimizer(FurtherTrainingConfig(epochs=1, optimizer=opt, lr=lr))
+            state = optimizer.init(params)
+            cases[opt, g] = (MLPKernel(model, SupervisedTask("mse")), params, optimizer, state, (xs, ys, w))
+    seconds = {key: [] for key in cases}
+    for _ in range(args.repeats):
+        for (opt, g), (kernel, params, optimizer, state, batch) in cases.items():
+            steps = max(4, 400 // g)
+
+            def train_steps(kernel=kernel, params=params, optimizer=optimizer, state=state, batch=batch, steps=steps):
+                for _ in range(steps):
+                    optimizer.step(params, kernel.grad_and_value(params, *batch)[0], state)
+
+            seconds[opt, g].append(timed(train_steps)[2] / steps)
+    return {(opt, g): row_flops(model) * 129 * g / statistics.median(t) / 1e9 for (opt, g), t in seconds.items()}
+
+
+def energy_step(chunk: int, lr: float | None):
+    """The Energy MLP's (8-128-128-1 ReLU, MSE) weighted-loss gradients of ``K`` stacked runs, in chunks of
+    ``chunk`` runs, as plain torch operations for ``torch.compile``: ``(params [W1, b1, W2, b2, W3, b3], each
+    [K, ...]; x [K, R, 8], y [K, R, 1], w [K, R]) -> [gradients of the same layout..., losses [K]]``.
+    With ``lr``, the SGD update ``θ ← θ − lr·g`` is fused in (in place on ``params``)."""
+
+    def step(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> list:
+        parts = []
+        for i in range(0, w.shape[0], chunk):
+            w1, b1, w2, b2, w3, b3 = (p[i : i + chunk] for p in params)
+            xc, yc, wc = x[i : i + chunk], y[i : i + chunk], w[i : i + chunk]
+            a1 = (torch.bmm(xc, w1.mT) + b1.unsqueeze(1)).relu()
+            a2 = (torch.bmm(a1, w2.mT) + b2.unsqueeze(1)).relu()
+            diff = torch.bmm(a2, w3.mT) + b3.unsqueeze(1) - yc
+            d3 = 2 * diff * wc.unsqueeze(-1)
+            d2 = torch.bmm(d3, w3) * (a2 > 0)
+            d1 = torch.bmm(d2, w2) * (a1 > 0)
+            grads = (torch.bmm(d1.mT, xc), d1.sum(1), torch.bmm(d2.mT, a1), d2.sum(1), torch.bmm(d3.mT, a2))
+            parts.append((*grads, d3.sum(1), (diff.pow(2).sum(-1) * wc).sum(1)))
+        out = [torch.cat(t) for t in zip(*parts)]
+        if lr is not None:
+            for p, g in zip(params, out):
+                p.add_(g, alpha=-lr)
+        return out
+
+    return step
+
+
+COMPILED = {  # name: (torch.compile mode or None for the MLP kernel, SGD fused into the compiled graph)
+    "mlp kernel + SGD (the engine)": (None, False),
+    "compiled (default mode) + SGD": ("default", False),
+    "compiled (default mode), SGD fused": ("default", True),
+    "compiled (max-autotune), SGD fused": ("max-autotune", True),
+}
+
+
+def compiled_bound(args: argparse.Namespace, chunk: int = 15, lr: float = 3e-2) -> dict[str, dict[str, float]]:
+    """``torch.compile`` (inductor, CPU, static shapes, ``fullgraph``) of one training step of all ``K`` runs
+    (:func:`energy_step`) against the MLP kernel + stacked SGD, on one ``subtract`` batch (as
+    :func:`group_bound` with ``g = K``): ``{variant: {"gflops", "compile_s", "max_rel_diff"}}``. CPU time per
+    step, interleaved medians of ``--repeats``; the one-off compile (caches disabled) timed separately, and the
+    gradients of the first step compared with the kernel's."""
+    import torch._inductor.config as inductor_config
+
+    model, train, _ = energy_like()
+    k = args.loo + 1
+    optimizer = StackedOptimizer(FurtherTrainingConfig(epochs=1, optimizer="sgd", lr=lr))
+    kernel = MLPKernel(model, SupervisedTask("mse"))
+    params, batch = subtract_step_inputs(model, train, k)
+    reference = [g.clone() for g in kernel.grad_and_value(params, *batch)[0].values()]
+    cases, out = {}, {}
+    for name, (mode, fused) in COMPILED.items():
+        p = {n: t.clone() for n, t in params.items()}
+        if mode is None:
+            cases[name] = lambda p=p: optimizer.step(p, kernel.grad_and_value(p, *batch)[0], {})
+            out[name] = {"compile_s": 0.0, "max_rel_diff": 0.0}
+            continue
+        options = {"mode": mode} if mode != "default" else {}
+        fn = torch.compile(energy_step(chunk, lr if fused else None), fullgraph=True, dynamic=False, **options)
+        with inductor_config.patch(force_disable_caches=True):
+            grads, compile_s, _ = timed(lambda fn=fn, p=p: fn(list(p.values()), *batch))
+        diff = max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(grads, reference))
+        out[name] = {"compile_s": compile_s, "max_rel_diff": diff}
+        if fused:
+            cases[name] = lambda fn=fn, p=p: fn(list(p.values()), *batch)
+        else:
+            cases[name] = lambda fn=fn, p=p: optimizer.step(p, dict(zip(p, fn(list(p.values()), *batch))), {})
+    seconds = {name: [] for name in cases}
+    steps = 20
+    for _ in range(args.repeats):
+        for name, step in cases.items():
+            seconds[name].append(timed(lambda step=step: [step() for _ in range(steps)])[2] / steps)
+    for name, t in seconds.items():
+        out[name].update(gflops=row_flops(model) * 129 * k / statistics.median(t) / 1e9, ms=1e3 * statistics.median(t))
+    return out
 
 
 WAYS = {  # name: (engine, optimizer, lr)
@@ -152,6 +283,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--square", type=int, default=1024, help="side of the reference square GEMM")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--groups", default="", help="comma-separated group sizes g: also measure temporal blocking's best case"
+    )
+    parser.add_argument(
+        "--compiled", action="store_true", help="also measure torch.compile'd training steps (compiles take minutes)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,6 +327,29 @@ def main() -> None:
             report[f"{clock}: {way}"] = {"seconds": sec, "gflops": rate, "of_square": rate / square}
         report[f"{clock}: gemm"] = {"square": square, "kernel_shape": shape}
     print("\nmax relative difference to the naive loop:", {w: f"{d:.1e}" for w, d in m["diff"].items()})
+    if args.groups:
+        groups = [int(g) for g in args.groups.split(",")]
+        bound = group_bound(args, groups)
+        square = med["square", "cpu"]
+        print("\n[CPU time] temporal blocking, best case (see group_bound): runs trained g at a time")
+        print("| g | SGD GFLOP/s | SGD % of square GEMM | Adam GFLOP/s | Adam % of square GEMM |")
+        print("|---:|---:|---:|---:|---:|")
+        for g in groups:
+            sgd, adam = bound["sgd", g], bound["adam", g]
+            print(f"| {g} | {sgd:.1f} | {100 * sgd / square:.0f}% | {adam:.1f} | {100 * adam / square:.0f}% |")
+        report["group_bound_gflops"] = {f"{opt} g={g}": rate for (opt, g), rate in bound.items()}
+    if args.compiled:
+        rows = compiled_bound(args)
+        square = med["square", "cpu"]
+        print(f"\n[CPU time] one training step of all {args.loo + 1} runs (+ SGD), torch.compile against the MLP kernel")
+        print("| variant | ms per step | GFLOP/s | % of square GEMM | one-off compile (s) | max rel. diff to kernel |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, row in rows.items():
+            print(
+                f"| {name} | {row['ms']:.2f} | {row['gflops']:.1f} | {100 * row['gflops'] / square:.0f}% "
+                f"| {row['compile_s']:.1f} | {row['max_rel_diff']:.1e} |"
+            )
+        report["compiled_step"] = rows
     print(json.dumps(report))
 
 

@@ -43,6 +43,11 @@ class MismatchError(FiMODAError, ValueError):
     """Stored work (a run directory, another rank) belongs to a different experiment."""
 
 
+class RunDirBusyError(FiMODAError, RuntimeError):
+    """Another live job holds the run directory (two jobs would compute the same units twice and clean
+    up each other's temporary files); the message names its process."""
+
+
 class PrecisionError(FiMODAError, TypeError):
     """A dtype or device the computation cannot give trustworthy numbers in (half precision, meta)."""
 

@@ -3,13 +3,17 @@
 Used by the gold standard's run directories (:mod:`lightning_fimoda.further_training.fingerprint`) and
 by the saved estimator scores (:mod:`lightning_fimoda.score_store`), so neither can return numbers of
 another experiment. Tensors are hashed as raw bytes on the CPU (device-independent; a fast path for
-``TensorDataset`` and its ``Subset``), other values by type and content, classes by their source.
+``TensorDataset`` and its ``Subset``), other values by type and content, classes and functions by their
+code: the syntax tree of their source, so docstrings, comments and layout do not count (editing a model's
+docstring must not orphan a resumable run) while any change to what the code does does.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -80,9 +84,25 @@ def _class_source(cls: type) -> str:
     if cls.__module__.startswith(_TORCH_MODULES) or cls.__module__ == "builtins":
         return f"{cls.__module__}.{cls.__qualname__}"
     try:
-        return f"{cls.__qualname__}:{inspect.getsource(cls)}"
+        return f"{cls.__qualname__}:{_code(inspect.getsource(cls))}"
     except (OSError, TypeError):
         return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _code(source: str) -> str:
+    """``source``'s syntax tree without docstrings (comments and layout are not in it); the source itself
+    when it does not parse alone."""
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+    except SyntaxError:
+        return source
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def _feed(h: Any, value: Any, depth: int = 0) -> None:
@@ -107,7 +127,7 @@ def _feed(h: Any, value: Any, depth: int = 0) -> None:
         h.update(repr(value).encode())
     elif callable(value) and hasattr(value, "__code__"):  # functions: by their source
         try:
-            h.update(inspect.getsource(value).encode())
+            h.update(_code(inspect.getsource(value)).encode())
         except (OSError, TypeError):
             h.update(value.__code__.co_code)
     elif hasattr(value, "tobytes"):  # PIL images and the like

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from lightning_fimoda import GoldStandard
+from lightning_fimoda.exceptions import RunDirBusyError
+from lightning_fimoda.further_training.plan import TrainingPlan
 from lightning_fimoda.further_training.store import RunStore
 from lightning_fimoda.further_training.verify import verify_run_dir
 
@@ -131,6 +133,32 @@ def test_killed_run_resumes_without_recomputing(tmp_path, job):
     again_loop, args = build(run_dir)
     assert again_loop.run(*args).equals(fresh)
     assert again_loop.info["units_computed"] == 0 and len(RunStore(run_dir).computed_log()) == UNITS
+
+
+def test_a_live_job_holds_its_run_dir(tmp_path, job, monkeypatch):
+    _, build = job
+    run_dir = tmp_path / "run"
+    loop, args = build(run_dir)
+    holder = RunStore(run_dir)  # the same job, live in another process (flock: per open file)
+    holder.bind(loop.plan(*args).fingerprint, {"engine": "vectorised", "chunk_size": 2})
+    (run_dir / "units" / "x.safetensors.tmp").write_text("the holder's unit being written")
+    with pytest.raises(RunDirBusyError, match=f"in use by another job \\(pid {os.getpid()} on "):
+        loop.run(*args)
+    assert (run_dir / "units" / "x.safetensors.tmp").exists()  # the holder's file was not cleaned up
+    holder.unlock()
+
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("interrupted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingPlan, "compute", fail)
+        failing, args = build(run_dir)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            failing.run(*args)
+    loop, args = build(run_dir)  # a failed run released the directory
+    loop.run(*args)
+    assert loop.info["units_computed"] == UNITS
+    assert not (run_dir / "units" / "x.safetensors.tmp").exists()
 
 
 def test_different_configuration_is_refused(tmp_path, job):

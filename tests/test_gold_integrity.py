@@ -4,6 +4,7 @@ refused mismatches, corrupt units named and recomputed, ``fimoda verify``."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lightning_fimoda import GoldStandard, SupervisedTask
 from lightning_fimoda.exceptions import MismatchError
+from lightning_fimoda.fingerprint import model_architecture
 from lightning_fimoda.further_training import FurtherTrainingLoop
 from lightning_fimoda.further_training.fingerprint import job_fingerprint
 from lightning_fimoda.further_training.verify import add_verify_command, run_verify, verify_run_dir
@@ -47,6 +49,43 @@ def test_changed_architecture_with_same_weights_is_refused(tmp_path):
     relu.load_state_dict(model.state_dict())  # the very same weights
     with pytest.raises(MismatchError, match=r"differing: \['model_architecture'\]"):
         loop(tmp_path).run(relu, train, test, LOO)
+
+
+_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    {doc}
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)  {comment}
+
+    def forward(self, x):
+        return self.lin(x).{act}()
+"""
+
+
+def _net_class(tmp_path, monkeypatch, name, **fields):
+    """``Net`` from a module file of its own (registered, so that ``inspect`` finds its source)."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(_NET.format(**fields))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module.Net
+
+
+def test_architecture_ignores_docstrings_and_comments_but_not_code(tmp_path, monkeypatch):
+    first = _net_class(tmp_path, monkeypatch, "first", doc='"""One layer."""', comment="", act="tanh")
+    reworded = _net_class(tmp_path, monkeypatch, "reworded", doc='"""One linear layer, then tanh (reworded)."""',
+                          comment="# a comment", act="tanh")
+    changed = _net_class(tmp_path, monkeypatch, "changed", doc='"""One layer."""', comment="", act="relu")
+    assert model_architecture(first()) == model_architecture(reworded())  # a docstring edit keeps runs resumable
+    assert model_architecture(first()) != model_architecture(changed())
 
 
 def test_changed_task_is_refused(tmp_path):

@@ -1,5 +1,6 @@
 """The hand-written MLP kernel (further_training/mlp.py) against torch.func gradients of the same
-weighted losses, with the members split over several cache-sized chunks."""
+weighted losses, with the members split over several cache-sized chunks; the stacked optimizer's fused
+Adam path against torch.optim."""
 
 from __future__ import annotations
 
@@ -109,3 +110,96 @@ def test_kernel_chunks_follow_the_cache_budget_and_the_last_short_batch():
         torch.testing.assert_close(got_v, want_v, rtol=1e-12, atol=1e-12)
         for n in params:
             torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("cache_bytes", [300, 1 << 20], ids=["chunks", "one-chunk"])
+def test_kernel_measurement_matches_the_task(name, cache_bytes):
+    """The engine's test measurements by the kernel's forward: the task's ``f`` (its per-example loss)
+    of every member on one shared batch, against ``vmap`` of the task through the module."""
+    from lightning_fimoda.functional import FunctionalTask
+
+    build, loss = MODELS[name]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    params = stacked(model)
+    x = torch.randn(R + 2, 3, dtype=torch.float32)  # float32 data, float64 model: cast like the task's call
+    y = torch.randn(R + 2, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, 11, (R + 2,))
+    task = SupervisedTask(loss)
+    want = vmap(FunctionalTask(model, task).measurement, in_dims=(0, None))(params, (x.double(), y))
+    got = MLPKernel(model, task, cache_bytes=cache_bytes).measurement(params, (x, y))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert float(want.std()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fused_adam_with_non_contiguous_gradients_matches_torch_optim(name):
+    """``vmap(grad)`` can return gradients in another memory layout than the parameters (a BERT model's
+    did); the fused kernel walks memory in order, so the layouts must agree (this failed at 1e-2)."""
+    from lightning_fimoda.further_training import FurtherTrainingConfig
+    from lightning_fimoda.further_training.optimizers import StackedOptimizer
+
+    torch.manual_seed(0)
+    opt = StackedOptimizer(FurtherTrainingConfig(epochs=1, optimizer=name, lr=0.01, weight_decay=0.1))
+    start = {"w": torch.randn(3, 4, 2, dtype=torch.float64), "b": torch.randn(3, 2, dtype=torch.float64)}
+    grads = [
+        {"w": torch.randn(3, 2, 4, dtype=torch.float64).mT, "b": torch.randn(2, 3, dtype=torch.float64).T}
+        for _ in range(4)
+    ]
+    assert not grads[0]["w"].is_contiguous()
+    stacked = {n: p.clone() for n, p in start.items()}
+    state = opt.init(stacked)
+    active = torch.tensor([True, False, True])
+    for step, g in enumerate(grads):  # step 1: one model sits out; then step counts differ
+        opt.step(stacked, g, state, active if step == 1 else None)
+    for k in range(3):
+        ref = {n: p[k].clone().requires_grad_() for n, p in start.items()}
+        torch_opt = opt.torch_optimizer(ref.values())
+        for step, g in enumerate(grads):
+            if step == 1 and not active[k]:
+                continue
+            for n, p in ref.items():
+                p.grad = g[n][k].clone()
+            torch_opt.step()
+        for n in start:
+            torch.testing.assert_close(stacked[n][k], ref[n].detach(), rtol=1e-12, atol=1e-14)
+
+
+def _energy_step_case(dtype: torch.dtype, compiled: bool) -> None:
+    """``benchmarks/further_training.energy_step`` (the compiled variants' step, SGD fused) against the
+    kernel's gradients and losses and ``θ − lr·g``; 5 runs in chunks of 2 and 3."""
+    from benchmarks.further_training import energy_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)).to(dtype)
+    k, r, lr = 5, 7, 0.1
+    params = {n: p.detach() + 0.1 * torch.randn(k, *p.shape, dtype=dtype) for n, p in model.named_parameters()}
+    x, y, w = torch.randn(k, r, 8, dtype=dtype), torch.randn(k, r, 1, dtype=dtype), torch.rand(k, r, dtype=dtype)
+    grads, value = MLPKernel(model, SupervisedTask("mse")).grad_and_value(params, x, y, w)
+    step = energy_step(3, lr)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, dynamic=False)
+    stepped = [p.clone() for p in params.values()]
+    *got, got_value = step(stepped, x, y, w)
+    tol = 1e-6 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(got_value, value, rtol=tol, atol=tol * float(value.abs().max()))
+    for (n, p), g, new in zip(params.items(), got, stepped):
+        scale = float(grads[n].abs().max())
+        torch.testing.assert_close(g, grads[n], rtol=tol, atol=tol * scale)
+        torch.testing.assert_close(new, p - lr * grads[n], rtol=tol, atol=tol * scale)
+        assert scale > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_benchmark_energy_step_matches_the_kernel(dtype):
+    _energy_step_case(dtype, compiled=False)
+
+
+@pytest.mark.slow
+def test_benchmark_energy_step_compiled_matches_the_kernel():
+    """The same step through ``torch.compile`` (inductor generates and builds C++), float32."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler (g++/c++) on PATH: inductor cannot build CPU kernels")
+    _energy_step_case(torch.float32, compiled=True)

@@ -143,3 +143,79 @@ def test_lissa_moves_up_the_scale_ladder_when_the_recursion_diverges(setup, monk
     assert tried == pytest.approx([0.3 * lam_max, 0.6 * lam_max]) and est.info["lissa_scale"] == tried[-1]
     cg = build_estimator("cg", damping=0.5, tol=1e-10).fit(model, MSE, train).score(test)
     assert (row_cosine(scores, cg) > 0.999).all()
+
+
+def _products(monkeypatch) -> list[tuple[int, int]]:
+    """Records ``(examples, rows)`` of every curvature product from now on."""
+    calls: list[tuple[int, int]] = []
+    original = CurvatureOperator.curvature
+
+    def counting(self, v):
+        calls.append((self.n, 1 if v.dim() == 1 else v.shape[0]))
+        return original(self, v)
+
+    monkeypatch.setattr(CurvatureOperator, "curvature", counting)
+    return calls
+
+
+def test_lissa_scale_comes_from_mini_batch_probes_only_for_gauss_newton(setup, monkeypatch):
+    """Issue 14: the old fit ran a 30-step full-data Lanczos (30 passes over all n) for the scale. The
+    probes cost PROBE_BATCHES · PROBE_STEPS products on B examples, and their largest Ritz value bounds
+    the full-data λ_max(H + λI) (convexity, module doc; here the max over the probes is above it)."""
+    import lightning_fimoda.solvers.lissa as lissa
+
+    model, train, _ = setup
+    op = operator(model, train, damping=0.5)
+    calls = _products(monkeypatch)
+    solver = LissaSolver(batch_size=10).fit(op)
+    assert calls == [(10, 1)] * (lissa.PROBE_BATCHES * lissa.PROBE_STEPS)
+    lam_max = torch.linalg.eigvalsh(op.dense()).max().item()
+    assert lam_max <= solver.info["lissa_lambda_max"] and "lissa_lambda_min" not in solver.info
+    calls.clear()
+    LissaSolver(batch_size=100).fit(op)  # batch = all examples: one probe of the full data
+    assert calls == [(30, 1)] * lissa.PROBE_STEPS
+
+
+def test_lissa_check_definite_false_skips_the_full_data_proof(setup, monkeypatch):
+    import lightning_fimoda.solvers.lissa as lissa
+
+    model, train, _ = setup
+    op = operator(model, train, hessian="exact", damping=0.5)
+    calls = _products(monkeypatch)
+    proved = LissaSolver(batch_size=10).fit(op)
+    assert calls.count((30, 1)) == min(op.num_params, lissa.LANCZOS_STEPS) and proved.info["lissa_lambda_min"] > 0
+    calls.clear()
+    solver = LissaSolver(batch_size=100, check_definite=False).fit(op)
+    assert calls == [(30, 1)] * lissa.PROBE_STEPS and "lissa_lambda_min" not in solver.info
+    rhs = torch.randn(3, op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = torch.linalg.solve(op.dense(), rhs.T).T
+    x, _ = solver.solve(rhs)
+    torch.testing.assert_close(x, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    indefinite = operator(model, train, hessian="exact", damping=0.01)  # eigenvalues down to −0.009
+    LissaSolver(check_definite=False, depth=50, tol=0.0).fit(indefinite)  # no proof: no ConfigurationError
+
+
+def test_lissa_residual_costs_at_most_one_full_data_pass(setup, monkeypatch):
+    """Issue 14: the old solve recomputed the full-data residual after the recursion's last check."""
+    model, train, _ = setup
+    op = operator(model, train, damping=0.5)
+    rhs = torch.randn(4, op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    calls = _products(monkeypatch)
+    cases = [({"tol": 1e-12}, [(30, 4)] * 2, 30),  # checks at steps 12 and 20 (check_every = 12), no more
+             ({"tol": 0.0}, [(30, 4)], 30),  # no checks: one pass for the reported residual
+             ({"tol": 0.0, "residual_examples": 7}, [(7, 4)], 7),
+             ({"tol": 0.0, "residual_examples": 0}, [], 0)]
+    for kwargs, full, examples in cases:
+        solver = LissaSolver(batch_size=10, depth=20, **kwargs).fit(op)
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # tol=1e-12 is not reached in 20 steps
+            x, diag = solver.solve(rhs)
+        assert [c for c in calls if c[0] != 10] == full and len(calls) == 20 + len(full), kwargs
+        assert diag["residual_examples"] == examples
+        if examples == 30:
+            dense = op.dense()
+            want = ((x @ dense - rhs).norm(dim=1) / rhs.norm(dim=1)).max().item()
+            assert diag["max_relative_residual"] == pytest.approx(want, rel=1e-9)
+        elif examples == 0:
+            assert diag["max_relative_residual"] is None

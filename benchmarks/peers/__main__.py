@@ -33,6 +33,7 @@ OFFERED = {
     "grad_dot (Linear/Conv2d params)": ["kronfluence"],  # equal work where kronfluence skips layers
     "grad_cos": ["dattri"],
     **{f"{m} ({h})": ["dattri", "pyDVL"] for m in ("explicit", "cg", "lissa") for h in ("exact", "GN")},
+    "lissa (exact, full batch)": ["dattri", "pyDVL"],
     "arnoldi (exact)": ["dattri", "pyDVL", "captum"],
     "datainf": ["dattri", "pyDVL"],
     "ekfac": ["dattri", "pyDVL"],

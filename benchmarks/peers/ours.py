@@ -29,8 +29,10 @@ def _influence(name: str, hessian: str) -> Callable[[Problem], dict]:
             kw["params"] = s["explicit_params"]
         elif name == "cg":
             kw.update(max_iter=s["cg_iter"], tol=1e-6)
-        elif name == "lissa":  # tol=0: exactly `depth` steps, no residual checks (pyDVL rtol=0, dattri)
-            kw.update(depth=s["lissa_depth"], batch_size=s["lissa_batch"], scale=s["lissa_scale"], tol=0.0)
+        elif name == "lissa":  # equal work: exactly `depth` steps, no residual (pyDVL rtol=0, dattri), no
+            # definiteness proof (the peers make none; the problem's damping_for makes H + λI ≻ 0)
+            kw.update(depth=s["lissa_depth"], batch_size=s["lissa_batch"], scale=s["lissa_scale"], tol=0.0,
+                      check_definite=False, residual_examples=0)
         elif name == "arnoldi":  # complement=False: the peers' rank-r subspace inverse (SPEC §3)
             kw.update(rank=s["rank"], complement=False)
         return kw
@@ -50,6 +52,9 @@ METHODS: dict[str, Callable[[Problem], dict]] = {
     "cg (GN)": _influence("cg", "gauss_newton"),
     "lissa (exact)": _influence("lissa", "exact"),
     "lissa (GN)": _influence("lissa", "gauss_newton"),
+    # batch = every training example: the deterministic truncated Neumann series, the same in every library
+    "lissa (exact, full batch)": lambda p: {**_influence("lissa", "exact")(p), "batch_size": len(p.train),
+                                            "depth": p.settings["lissa_full_depth"]},
     "arnoldi (exact)": _influence("arnoldi", "exact"),
     "datainf": lambda p: {"name": "datainf", "damping_scale": 0.1},
     "ekfac": lambda p: {"name": "ekfac", "damping": p.settings["ekfac_damping"],

@@ -73,15 +73,17 @@ def cg(p: Problem) -> Tensor:
                                   regularization=p.damping))
 
 
-def lissa(p: Problem) -> Tensor:
+def lissa(p: Problem, full: bool = False) -> Tensor:
     from dattri.algorithm import IFAttributorLiSSA
 
     # dattri: h <- v + (1 - d) h - H h / s, returns h / s -> (H + s·d·I)^{-1} v, so d = λ / s gives
-    # (H + λI)^{-1} v; scores n × τ (same sign).
+    # (H + λI)^{-1} v; scores n × τ (same sign). Batches are drawn without replacement: `full` (every
+    # training example) is the deterministic Neumann series.
     s = p.settings["lissa_scale"]
-    return _run(p, IFAttributorLiSSA(_task(p), batch_size=p.settings["lissa_batch"], num_repeat=1,
-                                     recursion_depth=p.settings["lissa_depth"], damping=p.damping / s,
-                                     scaling=s))
+    batch, depth = (len(p.train), p.settings["lissa_full_depth"]) if full else (p.settings["lissa_batch"],
+                                                                                 p.settings["lissa_depth"])
+    return _run(p, IFAttributorLiSSA(_task(p), batch_size=batch, num_repeat=1, recursion_depth=depth,
+                                     damping=p.damping / s, scaling=s))
 
 
 def arnoldi(p: Problem) -> Tensor:
@@ -156,6 +158,7 @@ RUNNERS: dict[str, Callable[[Problem], Tensor]] = {
     "explicit (exact)": explicit,
     "cg (exact)": cg,
     "lissa (exact)": lissa,
+    "lissa (exact, full batch)": lambda p: lissa(p, full=True),
     "arnoldi (exact)": arnoldi,
     "datainf": datainf,
     "ekfac": ekfac,

@@ -62,13 +62,16 @@ def cg(p: Problem, gn: bool) -> Tensor:
                           second_order_mode=_mode(gn))
 
 
-def lissa(p: Problem, gn: bool) -> Tensor:
+def lissa(p: Problem, gn: bool, full: bool = False) -> Tensor:
     from pydvl.influence.torch import LissaInfluence
 
     # pyDVL LiSSA: h <- b + (1 - dampen) h - (H + λI) h / s over the fit loader's batches (cycled),
-    # `maxiter` steps, result h / s -> (H + λI)^{-1} b; same depth, batch size and scale as ours.
-    return _fit_and_score(p, LissaInfluence, fit_batch=p.settings["lissa_batch"], regularization=p.damping,
-                          maxiter=p.settings["lissa_depth"], dampen=0.0, scale=p.settings["lissa_scale"],
+    # `maxiter` steps, result h / s -> (H + λI)^{-1} b; same depth, batch size and scale as ours
+    # (`full`: one batch of every training example, the deterministic Neumann series).
+    batch, depth = (len(p.train), p.settings["lissa_full_depth"]) if full else (p.settings["lissa_batch"],
+                                                                                 p.settings["lissa_depth"])
+    return _fit_and_score(p, LissaInfluence, fit_batch=batch, regularization=p.damping,
+                          maxiter=depth, dampen=0.0, scale=p.settings["lissa_scale"],
                           rtol=0.0, warn_on_max_iteration=False, second_order_mode=_mode(gn))
 
 
@@ -127,6 +130,7 @@ RUNNERS: dict[str, Callable[[Problem], Tensor]] = {
     "cg (GN)": lambda p: cg(p, True),
     "lissa (exact)": lambda p: lissa(p, False),
     "lissa (GN)": lambda p: lissa(p, True),
+    "lissa (exact, full batch)": lambda p: lissa(p, False, full=True),
     "arnoldi (exact)": arnoldi,
     "datainf": datainf,
     "ekfac": ekfac,

@@ -134,10 +134,11 @@ def concrete(quick: bool) -> Problem:
     problem = Problem("concrete", model, "mse", train, test, 0.0, 0.0, note)
     _train(model, problem.batch_loss, train, steps=60 if quick else 600, lr=1e-2, batch=128)
     settings = {"cg_iter": 50, "lissa_depth": 100 if quick else 300, "lissa_batch": 128, "rank": 20 if quick else 50,
-                "lissa_scale": 20.0, "proj_dim": 128 if quick else 512, "tests_for": {"lissa (exact)": 20, "lissa (GN)": 20},
+                "lissa_scale": 20.0, "proj_dim": 128 if quick else 512, "lissa_full_depth": 30 if quick else 100,
+                "tests_for": {"lissa (exact)": 20, "lissa (GN)": 20, "lissa (exact, full batch)": 20},
                 # H + 100·λ_G·I is indefinite here (Lanczos: a direction with vᵀ(H + λI)v = -0.157), so
                 # LiSSA cannot converge and ours refuses; 1000·λ_G makes it positive definite
-                "damping_for": {"lissa (exact)": 1000.0},
+                "damping_for": {"lissa (exact)": 1000.0, "lissa (exact, full batch)": 1000.0},
                 "explicit_params": ["net.4.weight", "net.4.bias"]}
     return _finish("concrete", model, "mse", train, test, note, settings)
 
@@ -162,7 +163,7 @@ def cifar(quick: bool, n_train: int = 2000, n_test: int = 20) -> Problem:
     train, test = TensorDataset(xtr, ytr.long()), TensorDataset(xte, yte.long())
     problem = Problem("cifar", model, "cross_entropy", train, test, 0.0, 0.0, note)
     _train(model, problem.batch_loss, train, steps=5 if quick else 40, lr=1e-3, batch=64)
-    settings = {"cg_iter": 10, "lissa_depth": 20 if quick else 50, "lissa_batch": 64, "rank": 10,
+    settings = {"cg_iter": 10, "lissa_depth": 20 if quick else 50, "lissa_batch": 64, "lissa_full_depth": 10, "rank": 10,
                 "lissa_scale": 50.0, "proj_dim": 128 if quick else min(1024, n_train // 2),
                 "explicit_params": ["fc.weight"], "ekfac_modules": ["fc"], "ekfac_params": ["fc.weight"],
                 "tests_for": {"lissa (exact)": 5, "lissa (GN)": 5, "cg (exact)": 5, "cg (GN)": 5},

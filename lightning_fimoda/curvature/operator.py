@@ -22,6 +22,8 @@ from .._data import iter_batches, model_device_dtype, resolve_indices
 from ..distributed import rank_and_world, shard_range, sum_over_ranks
 from ..exceptions import ConfigurationError
 from ..functional import FunctionalTask, eval_mode
+from ..gradients.budget import resolve_memory_budget
+from .chunking import activation_bytes, plan_chunks
 from .types import CurvatureType, curvature_type
 
 __all__ = ["DEFAULT_JACOBIAN_BUDGET", "CurvatureOperator"]
@@ -44,6 +46,11 @@ class CurvatureOperator:
             collated batches are loaded once, on the model's device, and kept for later products.
         jacobian_budget: bytes the cached Gauss-Newton factor rows may take (``0``: always
             matrix-free).
+        memory_budget: bytes one product's working set may take beyond the model (its ``[k, P]`` input
+            and output rows, the tangents in flight and their activation intermediates, or the factor
+            rows being computed): the ``k`` tangents and each batch are split to fit
+            (:mod:`~lightning_fimoda.curvature.chunking`); ``None``: half of the default memory budget
+            (:func:`~lightning_fimoda.gradients.resolve_memory_budget`), as a gradient chunk.
         split: in a ``torch.distributed`` process group, each rank sums over its contiguous shard of
             the examples (:attr:`shard`) and the products are added over the ranks (every rank gets
             the same result; every rank must then make the same products). The cached factor and
@@ -63,6 +70,7 @@ class CurvatureOperator:
         damping: float = 0.0,
         batch_size: int = 512,
         jacobian_budget: int = DEFAULT_JACOBIAN_BUDGET,
+        memory_budget: int | None = None,
         kind: CurvatureType | None = None,
         split: bool = False,
     ) -> None:
@@ -80,8 +88,14 @@ class CurvatureOperator:
         self.batch_size = int(batch_size)
         self.jacobian_budget = int(jacobian_budget)
         self.device, self.dtype = model_device_dtype(fn.model)
+        self.memory_budget = (
+            resolve_memory_budget(None, self.device) // 2 if memory_budget is None
+            else resolve_memory_budget(memory_budget)
+        )
         self.split = bool(split) and rank_and_world()[1] > 1
         self._batches: list[Any] | None = None
+        self._activation_bytes: int | None = None
+        self.last_chunks: tuple[int, int] | None = None  # (tangents, examples) of the last product's plan
 
     @property
     def n(self) -> int:
@@ -120,10 +134,34 @@ class CurvatureOperator:
         return self._like(self.indices[positions], self.damping, max(self.batch_size, positions.numel()), kind)
 
     def _like(self, indices: Tensor, damping: float, batch_size: int, kind: CurvatureType) -> CurvatureOperator:
-        return CurvatureOperator(
+        other = CurvatureOperator(
             self.fn, self.dataset, indices, damping=damping, batch_size=batch_size,
-            jacobian_budget=self.jacobian_budget, kind=kind, split=self.split,
+            jacobian_budget=self.jacobian_budget, memory_budget=self.memory_budget, kind=kind, split=self.split,
         )
+        other._activation_bytes = self._activation_bytes
+        return other
+
+    def chunks(self, k: int, batch_len: int) -> tuple[int, int]:
+        """``(tangents per group, examples per slice)`` for a product with ``k`` rows over a batch of
+        ``batch_len`` examples within :attr:`memory_budget` (the curvature type's factors)."""
+        row = self.num_params * self.dtype.itemsize
+        act = self.example_activation_bytes()
+        plan = plan_chunks(k, batch_len, row, int(self.kind.example_factor * act), int(self.kind.pair_factor * act),
+                           self.memory_budget)
+        self.last_chunks = plan
+        return plan
+
+    def example_activation_bytes(self) -> int:
+        """Bytes autograd saves per example in a forward pass (measured once, shared with subsets)."""
+        if self._activation_bytes is None:
+            lengths = self.batch_lengths()  # none on a rank with an empty shard: no products to plan
+            self._activation_bytes = activation_bytes(self.fn, self.batches()[0], lengths[0]) if lengths else 1
+        return self._activation_bytes
+
+    def batch_lengths(self) -> list[int]:
+        """Examples in each of :meth:`batches`."""
+        lo, hi = self.shard
+        return [min(self.batch_size, hi - start) for start in range(lo, hi, self.batch_size)]
 
     def gauss_newton_factor(self) -> Any:
         """The cached Gauss-Newton factor (``.rows`` ``G`` ``[R, P]``, ``.sign`` ``[R]``, ``.owner`` ``[R]``:

@@ -21,6 +21,7 @@ from torch.func import grad, vjp, vmap
 from .._registry import registering
 from ..exceptions import ConfigurationError
 from ..functional import Params, eval_mode
+from .chunking import slice_batch
 
 if TYPE_CHECKING:
     from .operator import CurvatureOperator
@@ -73,14 +74,24 @@ class CurvatureType:
 
     name: ClassVar[str] = "curvature"
     positive_semidefinite: ClassVar[bool] = False  # True: H ⪰ 0 whatever the model (Gauss-Newton)
+    # bytes of one example's / one (tangent, example) pair's intermediates per byte autograd saves for the
+    # example (see :mod:`~lightning_fimoda.curvature.chunking`): reverse-over-reverse products measured 5.1
+    example_factor: ClassVar[float] = 8.0
+    pair_factor: ClassVar[float] = 6.0
 
     def product(self, op: CurvatureOperator, rows: Tensor) -> Tensor:
-        """``Σ_i H_i v`` (a sum over the operator's examples) for each row of ``rows`` ``[k, P]``."""
-        tangents = op.fn.unflatten(rows)
+        """``Σ_i H_i v`` (a sum over the operator's examples) for each row of ``rows`` ``[k, P]``, the rows
+        and each batch split to fit the operator's memory budget (:meth:`CurvatureOperator.chunks`)."""
         total = torch.zeros_like(rows)
+        k = rows.shape[0]
         with eval_mode(op.fn.model):
-            for batch in op.batches():
-                total += self.batch_product(op, batch, tangents)
+            for batch, length in zip(op.batches(), op.batch_lengths()):
+                group, examples = op.chunks(k, length)
+                for lo in range(0, k, group):
+                    tangents = op.fn.unflatten(rows[lo : lo + group])
+                    for start in range(0, length, examples):
+                        part = batch if examples >= length else slice_batch(batch, start, start + examples)
+                        total[lo : lo + group] += self.batch_product(op, part, tangents)
         return total
 
     def batch_product(self, op: CurvatureOperator, batch: Any, tangents: Params) -> Tensor:

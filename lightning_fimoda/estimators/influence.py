@@ -137,6 +137,7 @@ class InfluenceFunction(Estimator):
         self.operator_ = CurvatureOperator(
             fn, self.train_dataset_, None, hessian=cfg.hessian, damping=lam, batch_size=cfg.chunk_size,
             jacobian_budget=self._jacobian_budget(), split=True,  # split over the ranks of a process group
+            memory_budget=self.cache_.chunk_budget(model_device_dtype(self.model_)[0]),
         )
         self.info["curvature_products"] = self.operator_.products
         self.solver.fit(self.operator_)

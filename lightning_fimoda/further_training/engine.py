@@ -66,7 +66,8 @@ def run_vectorised(
 ) -> Tensor:
     """Measurements ``[C, n_test, K]`` of the member runs (``None`` = full run, ``j`` = leave out ``j``).
 
-    ``kernel``: hand-written batched gradients for supported MLPs; ``None``: ``vmap(grad)`` of the task.
+    ``kernel``: hand-written batched gradients (and test measurements) for supported MLPs; ``None``:
+    ``vmap(grad)`` (and ``vmap``) of the task.
     ``on_step(k)``: called after every round with the number of runs that stepped (progress).
     ``test_indices``: dataset indices of ``test_batch``'s rows (named when a measurement is not finite).
     """
@@ -76,7 +77,7 @@ def run_vectorised(
     optimizer = StackedOptimizer(spec.config)
     state = optimizer.init(params)
     step_grad = _gradient_fn(fn, spec, members, train_dataset, params, kernel)
-    measure = vmap(fn.measurement, in_dims=(0, None))
+    measure = kernel.measurement if kernel is not None else vmap(fn.measurement, in_dims=(0, None))
 
     measured: list[Tensor] = []
     with eval_mode(fn.model):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .._data import dataset_length, resolve_indices
 from .._progress import ClockBar, StageLog, WorkClock, show_bars
-from ..exceptions import ConfigurationError, MismatchError
+from ..exceptions import ConfigurationError, MismatchError, RunDirBusyError
 from ..functional import full_float32
 from ..gold_standard import GoldStandard
 from ..gradients.budget import resolve_memory_budget
@@ -226,6 +226,16 @@ class FurtherTrainingLoop:
         plan = self.plan(model, train_dataset, test_dataset, loo_indices, test_indices)
         check_same_job(plan.fingerprint)  # every rank the same job, before any work
         plan, store, loaded, corrupt = self._bind(plan)
+        try:
+            return self._run_bound(plan, store, loaded, corrupt)
+        finally:
+            if store is not None:
+                store.unlock()
+
+    def _run_bound(
+        self, plan: TrainingPlan, store: RunStore | None, loaded: Results, corrupt: list[str]
+    ) -> GoldStandard:
+        """Compute the pending units, assemble and save the result (the run directory locked)."""
         units = plan.units()
         pending = [u for u in units if (u[0], u[1]) not in loaded]
         with full_float32():
@@ -303,11 +313,12 @@ class FurtherTrainingLoop:
                 for line in corrupt:
                     warnings.warn(f"FurtherTrainingLoop: {line}; it is recomputed.", stacklevel=3)
                 outcome = (None, plan.layout, corrupt)
-            except MismatchError as err:
-                outcome = (str(err), None, [])
+            except (MismatchError, RunDirBusyError) as err:
+                store.unlock()
+                outcome = (err, None, [])
         error, layout, corrupt = all_gather(outcome)[0]  # also a barrier: the directory is bound
         if error:
-            raise MismatchError(error)
+            raise type(error)(str(error))
         store.job_id = job_id
         plan = plan.with_layout(layout) if rank else plan
         return plan, store, all_gather(loaded)[0], corrupt  # rank 0's verified units, on every rank

@@ -2,10 +2,13 @@
 
 :class:`StackedOptimizer` is the further-training optimizer ``A'`` of a config (SPEC §2). It builds the
 ``torch.optim`` optimizer for the sequential path and runs the same update functionally for ``K``
-models at once in the vectorised engine: SGD (optional momentum, dampening 0), Adam (L2 weight decay
-added to the gradient) and AdamW (decoupled decay ``θ ← θ (1 − lr·wd)``), with the exact operation
-order of ``torch.optim``'s single-tensor implementations. Gradient clipping is per model (global norm
-over all its parameters, as ``torch.nn.utils.clip_grad_norm_``) and applied before the update.
+models at once in the vectorised engine: SGD (optional momentum, dampening 0) with the exact operation
+order of ``torch.optim``'s single-tensor implementation; Adam (L2 weight decay added to the gradient)
+and AdamW (decoupled decay ``θ ← θ (1 − lr·wd)``) with ``torch.optim``'s fused kernel
+(``torch._fused_adam_`` / ``torch._fused_adamw_``: one pass over parameters, gradients and moments
+instead of nine; equal to the single-tensor update up to rounding). Gradient clipping is per model
+(global norm over all its parameters, as ``torch.nn.utils.clip_grad_norm_``) and applied before the
+update.
 """
 
 from __future__ import annotations
@@ -65,13 +68,13 @@ class StackedOptimizer:
         """
         if active is not None and bool(active.all()):
             active = None
+        if self.name != "sgd":
+            self._adam(params, grads, state, active)
+            return params
         old = None
         if active is not None:
             old = ({n: p.clone() for n, p in params.items()}, _clone_state(state))
-        if self.name == "sgd":
-            self._sgd(params, grads, state)
-        else:
-            self._adam(params, grads, state)
+        self._sgd(params, grads, state)
         if old is not None:
             _restore_inactive(params, state, old, active)
         return params
@@ -87,28 +90,30 @@ class StackedOptimizer:
                 d_p = buf
             p.add_(d_p, alpha=-self.lr)
 
-    def _adam(self, params: Stacked, grads: Stacked, state: dict) -> None:
-        beta1, beta2 = self.betas
-        state["step"] += 1
+    def _adam(self, params: Stacked, grads: Stacked, state: dict, active: Tensor | None) -> None:
+        """``torch.optim``'s fused Adam/AdamW kernel over the stacked tensors (one call, one pass), or
+        over per-model views of the ``active`` models when step counts differ or some models sit out."""
         step = state["step"]
-        bias_correction1 = 1 - beta1**step  # [K], float64 like torch's Python floats
-        bias_correction2 = 1 - beta2**step
-        step_size = self.lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2.sqrt()
-        for n, p in params.items():
-            grad = grads[n]
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            if self.weight_decay:
-                if self.name == "adamw":
-                    p.mul_(1 - self.lr * self.weight_decay)
-                else:
-                    grad = grad.add(p, alpha=self.weight_decay)
-            exp_avg, exp_avg_sq = state["exp_avg"][n], state["exp_avg_sq"][n]
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            # torch.optim's operations in its order, in place on one scratch tensor
-            denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
-            p.sub_(torch.div(exp_avg, denom, out=denom).mul_(step_size.to(p.dtype).view(shape)))
+        if active is None:
+            step += 1
+        else:
+            step += active.to(step.dtype)
+        # the fused kernel walks each tensor's memory in order: all four must share one (contiguous) layout
+        grads = {n: g.contiguous() for n, g in grads.items()}
+        tensors = (params, grads, state["exp_avg"], state["exp_avg_sq"])
+        steps32 = step.float()  # the kernel's step type (torch.optim's fused state)
+        if active is None and bool((step == step[0]).all()):
+            lists = [list(t.values()) for t in tensors]
+            steps = [steps32[:1]] * len(params)
+        else:
+            keep = range(step.numel()) if active is None else active.nonzero().flatten().tolist()
+            lists = [_models(t, keep) for t in tensors]
+            per_model = steps32.unbind(0)
+            steps = [per_model[k] for _ in params for k in keep]
+        fused = torch._fused_adamw_ if self.name == "adamw" else torch._fused_adam_
+        beta1, beta2 = self.betas
+        fused(*lists, [], steps, amsgrad=False, lr=self.lr, beta1=beta1, beta2=beta2,
+              weight_decay=self.weight_decay, eps=self.eps, maximize=False)
 
 
 def clip_grad_norm(grads: Stacked, max_norm: float) -> Stacked:
@@ -121,6 +126,15 @@ def clip_grad_norm(grads: Stacked, max_norm: float) -> Stacked:
     total = norms.norm(dim=1)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     return {n: g * coef.view((-1,) + (1,) * (g.dim() - 1)) for n, g in grads.items()}
+
+
+def _models(stacked: Stacked, keep: Iterable[int]) -> list[Tensor]:
+    """Per-model views ``[p[k] for p in stacked, for k in keep]``."""
+    out: list[Tensor] = []
+    for p in stacked.values():
+        views = p.unbind(0)
+        out += [views[k] for k in keep]
+    return out
 
 
 def _clone_state(state: dict) -> dict:

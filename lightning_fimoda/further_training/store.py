@@ -9,11 +9,14 @@ Layout of ``run_dir``::
     units/corrupt/                       units that failed verification (moved aside, recomputed)
     computed.log                         one line per unit computed (seed, chunk, seconds, rank)
     gold_standard.safetensors            the assembled result, once every unit is done
+    .lock                                held (``flock``) by the job computing in it; says which process
 
 Binding is atomic: ``config.json`` is written to a temporary file and hard-linked into place, which
 fails when it exists, so of two jobs started at once exactly one creates it and the other compares
 against it (and is refused with :class:`~lightning_fimoda.exceptions.MismatchError` naming what
-differs). A unit file appears only complete (temporary file + ``os.replace``); a unit whose checksum,
+differs). While a job runs, its rank 0 holds an exclusive ``flock`` on ``.lock`` (released by the
+operating system if the process dies), so a second live job on the same directory is refused with
+:class:`~lightning_fimoda.exceptions.RunDirBusyError` before it touches anything. A unit file appears only complete (temporary file + ``os.replace``); a unit whose checksum,
 seed, chunk or fingerprint does not match is named, moved to ``units/corrupt/`` and recomputed.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .._files import atomic_write
-from ..exceptions import MismatchError
+from ..exceptions import MismatchError, RunDirBusyError
 from .fingerprint import differences, fingerprint_id
 
 __all__ = ["CorruptUnitError", "RunStore", "unit_checksum"]
@@ -61,13 +65,47 @@ class RunStore:
         self.units = self.root / "units"
         self.config_path = self.root / "config.json"
         self.job_id: str | None = None
+        self._lock: Any = None
+
+    def lock(self) -> None:
+        """Hold the directory's lock for this process, or raise :class:`RunDirBusyError` naming the holder.
+
+        Without ``fcntl`` (Windows) nothing is locked."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fh = open(self.root / ".lock", "a+")  # noqa: SIM115 - held open: it is the lock, closed by unlock()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            fh.close()
+            raise RunDirBusyError(
+                f"run_dir {str(self.root)!r} is in use by another job ({holder}): two jobs would compute "
+                "the same units twice. Wait for it to finish, or use another run_dir."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._lock = fh
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (no-op when not held)."""
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
 
     def bind(self, fingerprint: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
         """Claim the directory for the job ``fingerprint`` (atomically), or check it is this job's.
 
         Returns the unit layout to use: ``layout`` for a new directory, the stored one otherwise.
         Raises :class:`MismatchError` naming the differing components, or when unit files exist
-        without a ``config.json``. Cleans temporary files left by killed runs.
+        without a ``config.json``; :class:`RunDirBusyError` when another live job holds the directory.
+        Then holds its lock (:meth:`unlock` releases it) and cleans temporary files left by killed runs.
         """
         self.units.mkdir(parents=True, exist_ok=True)
         record = {"fingerprint": fingerprint, "fingerprint_id": fingerprint_id(fingerprint), "layout": layout}
@@ -91,7 +129,8 @@ class RunStore:
                 f"(differing: {diff}). Use a new run_dir, or delete this one to start over."
             )
         self.job_id = record["fingerprint_id"]
-        self.clean_tmp()  # only once the directory is known to be this job's
+        self.lock()  # another live run of this job: refused here, before anything is touched
+        self.clean_tmp()  # only once the directory is known to be this job's, and no one else writes it
         return dict(stored.get("layout", layout))
 
     def _create(self, record: dict[str, Any]) -> None:
