@@ -38,6 +38,9 @@ REASONS = {
                    "Energy, Concrete); where the gold standard hardly depends on the seed (FICO HELOC at lr 1e-4: "
                    "noise ceiling 1.000) there is nothing to average. Under `subtract` with common random numbers a "
                    "left-out effect depends on the seed less still"},
+    "full": {"holds": "as in the paper: the full-data run's own drift does not cancel exactly, so its bias varies "
+             "from checkpoint to checkpoint", "*": "the full-data run cancels the common drift well here"},
+    "datainf": {"holds": "as in the paper", "*": "DataInf's per-layer damping makes it differ from Grad-Dot here"},
     "adam": {"holds": "as in the paper's Appendix E.1", "*": "most first-order curves peak early and decay as with "
              "SGD; the exceptions peak late in the horizon — the paper saw such late peaks with Adam on Folktables "
              "(Fig. 4d)"},
