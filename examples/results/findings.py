@@ -63,7 +63,7 @@ def first_order(pairs: list[tuple[Variant, AttributionReport]]) -> tuple[str, st
             values = _curve(report, label)
             i = max(range(len(values)), key=values.__getitem__)
             flags.append(values[i] - values[-1] > 0.02 and i <= len(values) // 4)
-            parts.append(f"{PAPER[variant.name]['title']} {label} {values[i]:.3f} at {at(i)} → "
+            parts.append(f"{variant.title} {label} {values[i]:.3f} at {at(i)} → "
                          f"{values[-1]:.3f} at {at(len(values) - 1)}")
     return "; ".join(parts), verdict(flags)
 
@@ -78,7 +78,7 @@ def second_order(pairs: list[tuple[Variant, AttributionReport]]) -> tuple[str, s
         for label in (x for x in SECOND_ORDER if x in report.labels):
             values = _curve(report, label)
             flags.append(values[0] < gd[0] and max(values) - values[-1] <= max(0.02, max(gd) - gd[-1]))
-            parts.append(f"{PAPER[variant.name]['title']} {label} first {values[0]:.3f} (Grad-Dot {gd[0]:.3f}), "
+            parts.append(f"{variant.title} {label} first {values[0]:.3f} (Grad-Dot {gd[0]:.3f}), "
                          f"peak {max(values):.3f}, last {values[-1]:.3f} (Grad-Dot {gd[-1]:.3f})")
     return "; ".join(parts), verdict(flags)
 
@@ -92,7 +92,7 @@ def poor(pairs: list[tuple[Variant, AttributionReport]], failed: dict[str, str])
         for label in POOR:
             if label in peaks:
                 flags.append(peaks[label] < min(others))
-                parts.append(f"{PAPER[variant.name]['title']} {label} {peaks[label]:.3f} (others "
+                parts.append(f"{variant.title} {label} {peaks[label]:.3f} (others "
                              f"{min(others):.3f}–{max(others):.3f})")
     parts += [f"{PAPER[name]['title']} lissa_h refused: H + λI not positive definite" for name in failed]
     return "; ".join(parts), verdict(flags)
@@ -105,7 +105,7 @@ def seeds(variants: Variants, mechanism: str) -> tuple[str, str]:
         gains = {label: seed_gain(report, label) for label in report.labels}
         flags += [hi - lo > 0.005 for lo, hi in gains.values()]
         shown = ", ".join(f"{k} {lo:.3f} → {hi:.3f}" for k, (lo, hi) in gains.items() if k in FIRST_ORDER + SECOND_ORDER)
-        parts.append(f"{PAPER[variant.name]['title']} (k = 1 → {len(report.gold.seeds)}): {shown}")
+        parts.append(f"{variant.title} (k = 1 → {len(report.gold.seeds)}): {shown}")
     return "; ".join(parts), verdict(flags)
 
 
@@ -122,7 +122,7 @@ def full_vs_mean(pairs: list[tuple[Variant, AttributionReport]]) -> tuple[str, s
             continue
         full, mean = roughness(report, "grad_dot", "full"), roughness(report, "grad_dot", "mean")
         flags.append(full > mean)
-        parts.append(f"{PAPER[variant.name]['title']} {full:.4f} vs {mean:.4f}")
+        parts.append(f"{variant.title} {full:.4f} vs {mean:.4f}")
     some = [any(flags)] if flags else []
     return "; ".join(parts), verdict(some)
 

@@ -106,9 +106,10 @@ def variant_row(variant: Variant, report: AttributionReport, seconds: float) -> 
     return [
         f"`{variant.slug}`", f"{variant.optimizer.upper()} lr {lr_text(variant.lr)}", variant.leave_out,
         f"{variant.epochs} (every {variant.every})", f"{len(gold.seeds)}", f"{gold.loo_indices.numel()}",
-        f"{gold.test_indices.numel()}", f"{seconds / 60:.1f} ({runs} runs)", f"≈ {full_cost / 3600:.1f} h",
+        f"{gold.test_indices.numel()}", f"{seconds / 60:.1f} ({runs} runs)",
+        f"{1000 * seconds / (runs * variant.epochs):.1f}", f"≈ {full_cost / 3600:.1f} h",
     ]
 
 
 VARIANT_HEAD = ["variant", "further training", "leave-out", "epochs (checkpoints)", "seeds", "LOO m",
-                "tests", "wall time, min", "paper's S = 100, m = 100 would take"]
+                "tests", "wall time, min", "ms per run and epoch", "paper's S = 100, m = 100 would take"]
