@@ -176,3 +176,28 @@ def trained_mlp() -> tuple[nn.Module, TensorDataset, TensorDataset]:
         mse(model(x), y).mean().backward()
         opt.step()
     return model, train, test
+
+
+def assert_matches_torch_optim(opt, start: dict, grads: list, sit_out: int, clip: float | None = None) -> None:
+    """Run ``opt`` (a ``StackedOptimizer``) over 3 stacked models and ``torch.optim`` on each model alone
+    (the oracle) with the same gradients; model 1 sits out step ``sit_out``; optional norm clipping."""
+    from lightning_fimoda.further_training.optimizers import clip_grad_norm
+
+    stacked = {n: p.clone() for n, p in start.items()}
+    state = opt.init(stacked)
+    active = torch.tensor([True, False, True])
+    for step, g in enumerate(grads):
+        opt.step(stacked, clip_grad_norm(g, clip) if clip else g, state, active if step == sit_out else None)
+    for k in range(3):
+        ref = {n: p[k].clone().requires_grad_() for n, p in start.items()}
+        torch_opt = opt.torch_optimizer(ref.values())
+        for step, g in enumerate(grads):
+            if step == sit_out and not active[k]:
+                continue
+            for n, p in ref.items():
+                p.grad = g[n][k].clone()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(list(ref.values()), clip)
+            torch_opt.step()
+        for n in start:
+            torch.testing.assert_close(stacked[n][k], ref[n].detach(), rtol=1e-12, atol=1e-14)

@@ -14,6 +14,8 @@ from torch.utils.data import TensorDataset
 from lightning_fimoda import GoldStandard, SupervisedTask
 from lightning_fimoda.further_training import FurtherTrainingLoop, epoch_permutation
 
+from .helpers import assert_matches_torch_optim
+
 N = 23
 LOO = [0, 3, 22, 7, 11]
 ENGINES = ["vectorised", "mlp"]
@@ -349,29 +351,13 @@ def test_bad_run_arguments_are_refused():
 )
 def test_functional_optimizer_matches_torch_optim(config):
     from lightning_fimoda.further_training import FurtherTrainingConfig
-    from lightning_fimoda.further_training.optimizers import StackedOptimizer, clip_grad_norm
+    from lightning_fimoda.further_training.optimizers import StackedOptimizer
 
     torch.manual_seed(0)
     opt = StackedOptimizer(FurtherTrainingConfig(epochs=1, **config))
     start = {"w": torch.randn(3, 4, 2, dtype=torch.float64), "b": torch.randn(3, 2, dtype=torch.float64)}
     grads = [{n: torch.randn_like(p) for n, p in start.items()} for _ in range(5)]
-    stacked = {n: p.clone() for n, p in start.items()}
-    state = opt.init(stacked)
-    active = torch.tensor([True, False, True])
-    for step, g in enumerate(grads):
-        opt.step(stacked, clip_grad_norm(g, 1.5), state, active if step == 2 else None)
-    for k in range(3):
-        ref = {n: p[k].clone().requires_grad_() for n, p in start.items()}
-        torch_opt = opt.torch_optimizer(ref.values())
-        for step, g in enumerate(grads):
-            if step == 2 and not active[k]:
-                continue
-            for n, p in ref.items():
-                p.grad = g[n][k].clone()
-            torch.nn.utils.clip_grad_norm_(list(ref.values()), 1.5)
-            torch_opt.step()
-        for n in start:
-            torch.testing.assert_close(stacked[n][k], ref[n].detach(), rtol=1e-12, atol=1e-14)
+    assert_matches_torch_optim(opt, start, grads, sit_out=2, clip=1.5)
 
 
 def test_lightning_mlp_uses_the_mlp_engine_and_matches_sequential():
