@@ -53,10 +53,12 @@ class Variant:
     m: int
     tests: int | None = None
     note: str = ""
+    tag: str = ""  # tells apart two variants of one dataset, optimizer and mechanism
 
     @property
     def title(self) -> str:
-        return PAPER[self.name]["title"]
+        """The dataset's title, with the tag when there is one (``Energy (m' = 100)``)."""
+        return PAPER[self.name]["title"] + (f" ({self.tag})" if self.tag else "")
 
     @property
     def slug(self) -> str:
@@ -72,6 +74,7 @@ _HELOC_NOTE = ("the paper's further-training recipe (200 epochs at lr 1e-4; Adam
 VARIANTS = (  # in the order they run; the ones of a dataset share its base run's final model
     Variant("sgd_drop", "energy", "sgd", 3e-2, "drop", 500, 5, 100, 5),
     Variant("sgd_subtract", "energy", "sgd", 3e-2, "subtract", 500, 5, 40, 5),
+    Variant("sgd_drop_m100", "energy", "sgd", 3e-2, "drop", 500, 5, 20, 100, tag="m' = 100"),
     Variant("sgd_drop", "concrete", "sgd", 3e-2, "drop", 500, 5, 20, 5),
     Variant("sgd_subtract", "concrete", "sgd", 3e-2, "subtract", 500, 5, 20, 5),
     Variant("sgd_drop", "heloc", "sgd", 1e-4, "drop", 200, 1, 20, 5, 100, _HELOC_NOTE),
