@@ -195,6 +195,18 @@ def test_lissa_check_definite_false_skips_the_full_data_proof(setup, monkeypatch
     LissaSolver(check_definite=False, depth=50, tol=0.0).fit(indefinite)  # no proof: no ConfigurationError
 
 
+def test_lissa_unconverged_repeats_without_a_residual_warn(setup):
+    """``repeat > 1`` with ``residual_examples=0``: no residual exists; the depth warning says so (it
+    formatted ``None`` and raised TypeError)."""
+    model, train, _ = setup
+    op = operator(model, train, damping=0.5)
+    rhs = torch.randn(2, op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    solver = LissaSolver(batch_size=10, depth=5, repeat=2, tol=1e-12, residual_examples=0).fit(op)
+    with pytest.warns(RuntimeWarning, match=r"max relative residual not computed \(residual_examples=0\)"):
+        x, diag = solver.solve(rhs)
+    assert diag["max_relative_residual"] is None and diag["converged"] is False and torch.isfinite(x).all()
+
+
 def test_lissa_residual_costs_at_most_one_full_data_pass(setup, monkeypatch):
     """Issue 14: the old solve recomputed the full-data residual after the recursion's last check."""
     model, train, _ = setup

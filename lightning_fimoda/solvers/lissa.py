@@ -176,11 +176,12 @@ class LissaSolver(Solver):
             if relative is None or relative <= MAX_RELATIVE_RESIDUAL or last:
                 break
         if not converged and self.config.tol > 0:
-            far = " far from (H + λI)^{-1} v (worse than x = 0)" if relative > MAX_RELATIVE_RESIDUAL else ""
+            far = " far from (H + λI)^{-1} v (worse than x = 0)" if (relative or 0.0) > MAX_RELATIVE_RESIDUAL else ""
+            shown = f"{relative:.3g}" if relative is not None else "not computed (residual_examples=0)"
             warnings.warn(
                 f"{self.label}: LiSSA reached depth={self.config.depth} before the relative residual "
                 f"tol={self.config.tol:g}; the result is{far or ' approximate'}: max relative residual "
-                f"{relative:.3g}. Increase depth, batch_size or repeat, or use 'cg'.",
+                f"{shown}. Increase depth, batch_size or repeat, or use 'cg'.",
                 RuntimeWarning,
                 stacklevel=3,
             )
