@@ -10,7 +10,8 @@ interleaved repeat by repeat (each timing is the median over ``--repeats``):
   101 × [129×128]·[128×128], the hidden layer's forward; the hidden layer is 95% of the FLOPs): the
   ceiling for this model's products;
 - the vectorised engine with the hand-written MLP kernel (``engine="mlp"``, what ``"auto"`` picks), with
-  SGD and with Adam;
+  SGD and with Adam, on both its paths: the compiled step (``further_training/native.py``, what it runs
+  on one CPU thread) and the ``torch.bmm`` path (``FIMODA_NATIVE=0``, what it runs elsewhere);
 - the generic ``torch.func.vmap(grad)`` path (``engine="vectorised"``), SGD;
 - the naive loop (``engine="sequential"``: deep copy + ``torch.optim`` per run), SGD and Adam, on a
   subset of runs, extrapolated per run to all 101 runs (the subset is stated in the output).
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 
@@ -237,12 +239,14 @@ def compiled_bound(args: argparse.Namespace, chunk: int = 15, lr: float = 3e-2) 
     return out
 
 
-WAYS = {  # name: (engine, optimizer, lr)
-    "mlp kernel, SGD": ("mlp", "sgd", 3e-2),
-    "mlp kernel, Adam": ("mlp", "adam", 1e-3),
-    "vmap(grad), SGD": ("vectorised", "sgd", 3e-2),
-    "naive loop, SGD": ("sequential", "sgd", 3e-2),
-    "naive loop, Adam": ("sequential", "adam", 1e-3),
+WAYS = {  # name: (engine, optimizer, lr, FIMODA_NATIVE)
+    "mlp kernel (compiled step), SGD": ("mlp", "sgd", 3e-2, "1"),
+    "mlp kernel (compiled step), Adam": ("mlp", "adam", 1e-3, "1"),
+    "mlp kernel (bmm path), SGD": ("mlp", "sgd", 3e-2, "0"),
+    "mlp kernel (bmm path), Adam": ("mlp", "adam", 1e-3, "0"),
+    "vmap(grad), SGD": ("vectorised", "sgd", 3e-2, "1"),
+    "naive loop, SGD": ("sequential", "sgd", 3e-2, "1"),
+    "naive loop, Adam": ("sequential", "adam", 1e-3, "1"),
 }
 
 
@@ -261,10 +265,12 @@ def measure(args: argparse.Namespace) -> dict:
         for gemm, pair in matmul_gflops(args.square, args.loo + 1, 129, 128).items():
             for clock, rate in zip(CLOCKS, pair):
                 rates[gemm, clock].append(rate)
-        for way, (engine, optimizer, lr) in WAYS.items():
+        for way, (engine, optimizer, lr, native) in WAYS.items():
             loop = FurtherTrainingLoop(engine=engine, optimizer=optimizer, lr=lr, **common)
             runs = loo[: args.naive_runs] if engine == "sequential" else loo
+            os.environ["FIMODA_NATIVE"] = native
             results[way], *sec = timed(lambda loop=loop, runs=runs: loop.run(model, train, test, runs))
+            os.environ.pop("FIMODA_NATIVE")
             for clock, t in zip(CLOCKS, sec):
                 # the naive loop: per run, extrapolated to all runs (+ the full run)
                 seconds[way, clock].append(t * (args.loo + 1) / (len(runs) + 1))
@@ -292,6 +298,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    native = MLPKernel(energy_like()[0], SupervisedTask("mse")).native_unavailable
+    if native is not None or torch.get_num_threads() != 1:
+        print(f"note: the compiled step will not run here ({native or 'it needs one thread'}): both mlp rows use bmm")
     m = measure(args)
     model = energy_like()[0]
     flops = training_flops(model, m["n"], 128, args.epochs, args.loo, full=True)

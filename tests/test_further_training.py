@@ -3,7 +3,9 @@ one step against hand-written updates, adjustments, cost estimate and input vali
 
 from __future__ import annotations
 
+import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -13,12 +15,34 @@ from torch.utils.data import TensorDataset
 
 from lightning_fimoda import GoldStandard, SupervisedTask
 from lightning_fimoda.further_training import FurtherTrainingLoop, epoch_permutation
+from lightning_fimoda.further_training.mlp import MLPKernel
+from lightning_fimoda.further_training.native import CompiledStep
+from lightning_fimoda.further_training.native import load as load_native
 
 from .helpers import assert_matches_torch_optim
 
 N = 23
 LOO = [0, 3, 22, 7, 11]
 ENGINES = ["vectorised", "mlp"]
+
+
+@contextlib.contextmanager
+def mlp_path(path: str | None):
+    """Force the MLP kernel's path: ``"bmm"``, ``"native"`` (the compiled step, checked to have run: one
+    thread) or as is."""
+    threads = torch.get_num_threads()
+    if path == "native":
+        assert load_native()[1] is None, load_native()[1]
+        torch.set_num_threads(1)
+    step = CompiledStep.__call__
+    spy = mock.patch.object(CompiledStep, "__call__", autospec=True, side_effect=step)
+    bmm = mock.patch.object(MLPKernel, "_uses_native", return_value=False)
+    try:
+        with bmm if path == "bmm" else contextlib.nullcontext(), spy as called:
+            yield
+        assert called.called == (path == "native")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def problem(n: int = N, dropout: bool = False):
@@ -41,11 +65,13 @@ def loop(**kw) -> FurtherTrainingLoop:
 
 
 def engines_vs_oracle(model, train, test, tol: float, loo=LOO, **kw) -> GoldStandard:
-    """Run the sequential oracle once and check both vectorised engines against it."""
+    """Run the sequential oracle once and check both vectorised engines against it (the MLP kernel on
+    both its paths: ``torch.bmm`` and the compiled step)."""
     slow = loop(engine="sequential", **kw).run(model, train, test, loo)
-    for engine in ENGINES:
+    for engine, path in [("vectorised", None), ("mlp", "bmm"), ("mlp", "native")]:
         fast_loop = loop(engine=engine, **kw)
-        assert_same(fast_loop.run(model, train, test, loo), slow, tol)
+        with mlp_path(path):
+            assert_same(fast_loop.run(model, train, test, loo), slow, tol)
         assert fast_loop.info["engine"] == engine
     return slow
 

@@ -1,6 +1,7 @@
 """The hand-written MLP kernel (further_training/mlp.py) against torch.func gradients of the same
-weighted losses, with the members split over several cache-sized chunks; the stacked optimizer's fused
-Adam path against torch.optim."""
+weighted losses, on both its paths: ``torch.bmm`` with the members split over several cache-sized chunks,
+and the compiled step (further_training/native.py, mlp_step.c); the stacked optimizer's fused Adam path
+against torch.optim."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from lightning_fimoda import SupervisedTask
+from lightning_fimoda.further_training import native
 from lightning_fimoda.further_training.mlp import MLPKernel
 
 from .helpers import assert_matches_torch_optim
@@ -70,14 +72,45 @@ MODELS = {
         ),
         "cross_entropy",
     ),
+    # what the compiled step runs: every activation, a narrow layer, no bias, one after the output
+    "native-ce": (
+        lambda: nn.Sequential(
+            nn.Linear(3, 12),
+            nn.ReLU(),
+            nn.Linear(12, 9),
+            nn.LeakyReLU(0.2),
+            nn.Linear(9, 2),
+            nn.Tanh(),
+            nn.Dropout(0.5),
+            nn.Linear(2, 11, bias=False),
+            nn.Sigmoid(),
+        ),
+        "cross_entropy",
+    ),
 }
+NATIVE = {
+    "relu-mse": None,
+    "mixed-ce": "the model has an activation before its first Linear layer",
+    "native-ce": None,
+}
+
+
+def make_kernel(model, loss, cache_bytes, native_path):
+    """The kernel on the path asked for, checked to be the one it takes."""
+    kernel = MLPKernel(model, SupervisedTask(loss), cache_bytes=cache_bytes, native=native_path)
+    assert kernel._uses_native(torch.zeros((), dtype=torch.float64)) == (
+        native_path and kernel.native_unavailable is None
+    )
+    return kernel
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize(
-    "cache_bytes", [1, 300, 1 << 20], ids=["one-member-chunks", "chunks-of-2", "one-chunk"]
+    ("cache_bytes", "native_path"),
+    [(1, False), (300, False), (1 << 20, False), (1 << 20, True)],
+    ids=["one-member-chunks", "chunks-of-2", "one-chunk", "native"],
 )
-def test_kernel_matches_torch_func(name, cache_bytes):
+def test_kernel_matches_torch_func(name, cache_bytes, native_path):
     build, loss = MODELS[name]
     torch.manual_seed(0)
     model = build().double().eval()
@@ -85,7 +118,9 @@ def test_kernel_matches_torch_func(name, cache_bytes):
     x = torch.randn(K, R, 3, dtype=torch.float64)
     y = torch.randn(K, R, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, 11, (K, R))
     w = torch.rand(K, R, dtype=torch.float64) - 0.2  # negative weights too (subtract's z_j row)
-    kernel = MLPKernel(model, SupervisedTask(loss), cache_bytes=cache_bytes)
+    kernel = make_kernel(model, loss, cache_bytes, native_path)
+    if native_path:
+        assert kernel.native_unavailable == NATIVE[name]
     want_g, want_v = oracle(model, loss, params, x, y, w)
     for _ in range(2):  # the second call reuses the kernel's buffers
         got_g, got_v = kernel.grad_and_value(params, x, y, w)
@@ -102,7 +137,7 @@ def test_kernel_chunks_follow_the_cache_budget_and_the_last_short_batch():
     torch.manual_seed(0)
     model = build().double()
     params = stacked(model)
-    kernel = MLPKernel(model, SupervisedTask("mse"), cache_bytes=3 * R * 9 * 8)  # 3 members per chunk
+    kernel = MLPKernel(model, SupervisedTask("mse"), cache_bytes=3 * R * 9 * 8, native=False)  # 3 per chunk
     for rows in (R, 2, R):
         x = torch.randn(K, rows, 3, dtype=torch.float64)
         y = torch.randn(K, rows, 1, dtype=torch.float64)
@@ -115,8 +150,12 @@ def test_kernel_chunks_follow_the_cache_budget_and_the_last_short_batch():
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("cache_bytes", [300, 1 << 20], ids=["chunks", "one-chunk"])
-def test_kernel_measurement_matches_the_task(name, cache_bytes):
+@pytest.mark.parametrize(
+    ("cache_bytes", "native_path"),
+    [(300, False), (1 << 20, False), (1 << 20, True)],
+    ids=["chunks", "one-chunk", "native"],
+)
+def test_kernel_measurement_matches_the_task(name, cache_bytes, native_path):
     """The engine's test measurements by the kernel's forward: the task's ``f`` (its per-example loss)
     of every member on one shared batch, against ``vmap`` of the task through the module."""
     from lightning_fimoda.functional import FunctionalTask
@@ -129,9 +168,97 @@ def test_kernel_measurement_matches_the_task(name, cache_bytes):
     y = torch.randn(R + 2, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, 11, (R + 2,))
     task = SupervisedTask(loss)
     want = vmap(FunctionalTask(model, task).measurement, in_dims=(0, None))(params, (x.double(), y))
-    got = MLPKernel(model, task, cache_bytes=cache_bytes).measurement(params, (x, y))
+    got = make_kernel(model, loss, cache_bytes, native_path).measurement(params, (x, y))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert float(want.std()) > 1e-3
+
+
+def test_native_float32_matches_the_bmm_path_on_the_energy_shape():
+    """The benchmark's 8-128-128-1 ReLU net, 21 members of 129 rows (subtract's z_j row weighted < 0):
+    the compiled step (BLAS products member by member) against the ``bmm`` path, to float32 rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
+    params = {n: p.detach() + 0.01 * torch.randn(21, *p.shape) for n, p in model.named_parameters()}
+    x, y = torch.randn(129, 8).expand(21, 129, 8), torch.randn(21, 129, 1)  # x shared: member stride 0
+    w = torch.full((21, 129), 1 / 128)
+    w[:, -1] = -1 / 691
+    fast = MLPKernel(model, SupervisedTask("mse"))
+    slow = MLPKernel(model, SupervisedTask("mse"), native=False)
+    assert fast._uses_native(w) and not slow._uses_native(w)
+    want_g, want_v = slow.grad_and_value(params, x, y, w)
+    got_g, got_v = fast.grad_and_value(params, x, y, w)
+    torch.testing.assert_close(got_v, want_v, rtol=1e-6, atol=0)
+    for n in params:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-6, atol=1e-6 * float(want_g[n].abs().max()))
+    torch.testing.assert_close(
+        fast.measurement(params, (x[0], y[0])), slow.measurement(params, (x[0], y[0])), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_native_keeps_nan_like_torch():
+    """A NaN weight must reach the loss (the engine's divergence check reads it), as through torch's
+    ReLU; a ReLU that maps NaN to 0 would hide it behind a finite loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    params = stacked(model)
+    params["0.weight"][2, 1, 0] = float("nan")
+    x, y, w = (
+        torch.randn(K, R, 3, dtype=torch.float64),
+        torch.randn(K, R, 1, dtype=torch.float64),
+        torch.ones(K, R, dtype=torch.float64),
+    )
+    _, want_v = oracle(model, "mse", params, x, y, w)
+    grads, value = MLPKernel(model, SupervisedTask("mse")).grad_and_value(params, x, y, w)
+    assert torch.equal(value.isnan(), want_v.isnan()) and bool(value[2].isnan())
+    assert bool(grads["2.weight"][2].isnan().any())
+
+
+def test_native_rejects_a_label_out_of_range():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    params = stacked(model)
+    x, w = torch.randn(K, R, 3, dtype=torch.float64), torch.ones(K, R, dtype=torch.float64)
+    y = torch.zeros(K, R, dtype=torch.long)
+    y[3, 1] = 2
+    kernel = MLPKernel(model, SupervisedTask("cross_entropy"))
+    with pytest.raises(ValueError, match=r"label is outside \[0, 2\)"):
+        kernel.grad_and_value(params, x, y, w)
+
+
+def test_native_says_why_it_cannot_run(monkeypatch):
+    """Disabled, or no compiler: the reason is reported and the kernel keeps the ``bmm`` path (same numbers)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    params = stacked(model)
+    x, y, w = (torch.randn(K, R, d, dtype=torch.float64) for d in (3, 1, 1))
+    want_g, want_v = oracle(model, "mse", params, x, y, w[..., 0])
+    for env, why in [
+        ({"FIMODA_NATIVE": "0"}, "disabled by FIMODA_NATIVE=0"),
+        ({"CC": "no-such-cc"}, "no C compiler"),
+    ]:
+        native._load.cache_clear()
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            kernel = MLPKernel(model, SupervisedTask("mse"))
+            assert why in kernel.native_unavailable and not kernel._uses_native(w)
+            got_g, got_v = kernel.grad_and_value(params, x, y, w[..., 0])
+        torch.testing.assert_close(got_v, want_v, rtol=1e-12, atol=1e-12)
+    native._load.cache_clear()
+    assert MLPKernel(model, SupervisedTask("mse")).native_unavailable is None
+
+
+def test_native_reports_a_failed_build(monkeypatch, tmp_path):
+    """A compiler that fails: its complaint is in the reason."""
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    native._load.cache_clear()
+    monkeypatch.setenv("CC", str(cc))
+    try:
+        lib, why = native.load()
+        assert lib is None and "could not build mlp_step.c: broken compiler" in why
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
@@ -158,10 +285,18 @@ def _energy_step_case(dtype: torch.dtype, compiled: bool) -> None:
     from benchmarks.further_training import energy_step
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)).to(dtype)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)).to(
+        dtype
+    )
     k, r, lr = 5, 7, 0.1
-    params = {n: p.detach() + 0.1 * torch.randn(k, *p.shape, dtype=dtype) for n, p in model.named_parameters()}
-    x, y, w = torch.randn(k, r, 8, dtype=dtype), torch.randn(k, r, 1, dtype=dtype), torch.rand(k, r, dtype=dtype)
+    params = {
+        n: p.detach() + 0.1 * torch.randn(k, *p.shape, dtype=dtype) for n, p in model.named_parameters()
+    }
+    x, y, w = (
+        torch.randn(k, r, 8, dtype=dtype),
+        torch.randn(k, r, 1, dtype=dtype),
+        torch.rand(k, r, dtype=dtype),
+    )
     grads, value = MLPKernel(model, SupervisedTask("mse")).grad_and_value(params, x, y, w)
     step = energy_step(3, lr)
     if compiled:

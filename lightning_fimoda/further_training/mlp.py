@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..task import AttributionTask, SupervisedTask
+from .native import CompiledStep
 
 __all__ = ["MLPKernel"]
 
@@ -66,10 +67,18 @@ class MLPKernel:
 
     ``cache_bytes``: target size of one chunk's activation tensor ``[c, R, width]`` on one CPU thread (sets
     ``c``; with several threads or on an accelerator, all members form one chunk).
+    ``native``: on one CPU thread in float32/float64, run the compiled step (:mod:`.native`: each member's
+    whole pass in cache, elementwise work fused into loops over the BLAS products) when this model's
+    layers allow it (see :attr:`native_unavailable`); otherwise, or with ``native=False``, ``torch.bmm``.
     """
 
     def __init__(
-        self, model: nn.Module, task: AttributionTask, example: Any = None, cache_bytes: int = _CACHE_BYTES
+        self,
+        model: nn.Module,
+        task: AttributionTask,
+        example: Any = None,
+        cache_bytes: int = _CACHE_BYTES,
+        native: bool = True,
     ) -> None:
         reason = self.unsupported(model, task, example)
         if reason:
@@ -82,6 +91,20 @@ class MLPKernel:
         self.width = max(max(b.inp, b.out) for b in self.blocks)
         self._grads: dict[str, Tensor] = {}
         self._work: dict[tuple, tuple[int, list[tuple[Tensor, Tensor]]]] = {}
+        self.compiled = CompiledStep(self.blocks, task.loss) if native else None
+
+    @property
+    def native_unavailable(self) -> str | None:
+        """Why the compiled step will not run (``None``: it runs on one CPU thread in float32/float64)."""
+        return "native=False" if self.compiled is None else self.compiled.unavailable
+
+    def _uses_native(self, like: Tensor) -> bool:
+        return (
+            like.device.type == "cpu"
+            and like.dtype in (torch.float32, torch.float64)
+            and torch.get_num_threads() == 1
+            and self.native_unavailable is None
+        )
 
     @staticmethod
     def unsupported(model: nn.Module, task: AttributionTask, example: Any = None) -> str | None:
@@ -131,6 +154,9 @@ class MLPKernel:
         grads = self._grad_buffers(params)
         value = w.new_empty(k)
         x = x if x.dtype == w.dtype else x.to(w.dtype)
+        if self._uses_native(w):
+            self.compiled(params, x, y, w, value, grads)
+            return dict(grads), value
         c = self._chunk_size(k, r, x)
         work = self._workspace(c, r, x)
         for k0 in range(0, k, c):
