@@ -74,7 +74,7 @@ _HELOC_NOTE = ("the paper's further-training recipe (200 epochs at lr 1e-4; Adam
 VARIANTS = (  # in the order they run; the ones of a dataset share its base run's final model
     Variant("sgd_drop", "energy", "sgd", 3e-2, "drop", 500, 5, 100, 5),
     Variant("sgd_subtract", "energy", "sgd", 3e-2, "subtract", 500, 5, 40, 5),
-    Variant("sgd_drop_m100", "energy", "sgd", 3e-2, "drop", 500, 5, 20, 100, tag="m' = 100"),
+    Variant("sgd_drop_m100", "energy", "sgd", 3e-2, "drop", 500, 5, 100, 100, tag="m' = 100"),
     Variant("sgd_drop", "concrete", "sgd", 3e-2, "drop", 500, 5, 20, 5),
     Variant("sgd_subtract", "concrete", "sgd", 3e-2, "subtract", 500, 5, 20, 5),
     Variant("sgd_drop", "heloc", "sgd", 1e-4, "drop", 200, 1, 20, 5, 100, _HELOC_NOTE),
