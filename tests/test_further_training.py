@@ -28,19 +28,20 @@ ENGINES = ["vectorised", "mlp"]
 
 @contextlib.contextmanager
 def mlp_path(path: str | None):
-    """Force the MLP kernel's path: ``"bmm"``, ``"native"`` (the compiled step, checked to have run: one
-    thread) or as is."""
+    """Force the MLP kernel's path: ``"bmm"``, ``"native"`` (the compiled step, checked to have run, on one
+    thread) or ``"native-2"`` (on two: members split over threads), or as is."""
     threads = torch.get_num_threads()
-    if path == "native":
+    if path is not None and path.startswith("native"):
         assert load_native()[1] is None, load_native()[1]
-        torch.set_num_threads(1)
+        torch.set_num_threads(2 if path == "native-2" else 1)
     step = CompiledStep.__call__
     spy = mock.patch.object(CompiledStep, "__call__", autospec=True, side_effect=step)
     bmm = mock.patch.object(MLPKernel, "_uses_native", return_value=False)
     try:
         with bmm if path == "bmm" else contextlib.nullcontext(), spy as called:
             yield
-        assert called.called == (path == "native")
+        parallel = load_native()[0] is not None and load_native()[0].sequential is not None  # MKL
+        assert called.called == (path == "native" or (path == "native-2" and parallel))
     finally:
         torch.set_num_threads(threads)
 
@@ -66,9 +67,9 @@ def loop(**kw) -> FurtherTrainingLoop:
 
 def engines_vs_oracle(model, train, test, tol: float, loo=LOO, **kw) -> GoldStandard:
     """Run the sequential oracle once and check both vectorised engines against it (the MLP kernel on
-    both its paths: ``torch.bmm`` and the compiled step)."""
+    its paths: ``torch.bmm``, the compiled step on one and on two threads)."""
     slow = loop(engine="sequential", **kw).run(model, train, test, loo)
-    for engine, path in [("vectorised", None), ("mlp", "bmm"), ("mlp", "native")]:
+    for engine, path in [("vectorised", None), ("mlp", "bmm"), ("mlp", "native"), ("mlp", "native-2")]:
         fast_loop = loop(engine=engine, **kw)
         with mlp_path(path):
             assert_same(fast_loop.run(model, train, test, loo), slow, tol)

@@ -195,6 +195,30 @@ def test_native_float32_matches_the_bmm_path_on_the_energy_shape():
     )
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_native_splits_the_members_over_threads(threads):
+    """With T torch threads the compiled step runs T member ranges at once (7 members: uneven ranges),
+    each on its own scratch: the same gradients as the oracle, call after call."""
+    build, loss = MODELS["native-ce"]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    params = stacked(model)
+    x = torch.randn(K, R, 3, dtype=torch.float64)
+    y = torch.randint(0, 11, (K, R))
+    w = torch.rand(K, R, dtype=torch.float64) - 0.2
+    want_g, want_v = oracle(model, loss, params, x, y, w)
+    torch.set_num_threads(threads)  # the fixture restores it
+    if native.load()[0].sequential is None:
+        pytest.skip("torch's BLAS is not MKL: the compiled step runs on one thread only")
+    kernel = MLPKernel(model, SupervisedTask(loss))
+    assert kernel._uses_native(w)
+    for _ in range(3):
+        got_g, got_v = kernel.grad_and_value(params, x, y, w)
+        torch.testing.assert_close(got_v, want_v, rtol=1e-12, atol=1e-12)
+        for n in params:
+            torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-10, atol=1e-12)
+
+
 def test_native_keeps_nan_like_torch():
     """A NaN weight must reach the loss (the engine's divergence check reads it), as through torch's
     ReLU; a ReLU that maps NaN to 0 would hide it behind a finite loss."""

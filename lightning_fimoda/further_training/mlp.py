@@ -67,9 +67,10 @@ class MLPKernel:
 
     ``cache_bytes``: target size of one chunk's activation tensor ``[c, R, width]`` on one CPU thread (sets
     ``c``; with several threads or on an accelerator, all members form one chunk).
-    ``native``: on one CPU thread in float32/float64, run the compiled step (:mod:`.native`: each member's
-    whole pass in cache, elementwise work fused into loops over the BLAS products) when this model's
-    layers allow it (see :attr:`native_unavailable`); otherwise, or with ``native=False``, ``torch.bmm``.
+    ``native``: on CPU in float32/float64, run the compiled step (:mod:`.native`: each member's whole pass
+    in cache, elementwise work fused into loops over the BLAS products; members split over torch's
+    threads) when this model's layers allow it (see :attr:`native_unavailable`); otherwise, or with
+    ``native=False``, ``torch.bmm``.
     """
 
     def __init__(
@@ -95,16 +96,11 @@ class MLPKernel:
 
     @property
     def native_unavailable(self) -> str | None:
-        """Why the compiled step will not run (``None``: it runs on one CPU thread in float32/float64)."""
+        """Why the compiled step will not run (``None``: it runs on CPU in float32/float64)."""
         return "native=False" if self.compiled is None else self.compiled.unavailable
 
     def _uses_native(self, like: Tensor) -> bool:
-        return (
-            like.device.type == "cpu"
-            and like.dtype in (torch.float32, torch.float64)
-            and torch.get_num_threads() == 1
-            and self.native_unavailable is None
-        )
+        return self.compiled is not None and self.compiled.usable(like)
 
     @staticmethod
     def unsupported(model: nn.Module, task: AttributionTask, example: Any = None) -> str | None:

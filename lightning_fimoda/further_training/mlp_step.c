@@ -91,14 +91,14 @@ static int NAME(loss)(const REAL *o, const void *y, int64_t rows, int64_t O, int
     return 0;
 }
 
-/* K members of an L-layer MLP with widths dims[0..L]; layer l: weights W[l] [K, dims[l+1], dims[l]],
+/* Members k0 <= k < k1 of K stacked L-layer MLPs with widths dims[0..L]; layer l: weights W[l] [K, dims[l+1], dims[l]],
  * biases B[l] [K, dims[l+1]] (or NULL), then activation act[l] (slope slopes[l]).
  * Member k reads x + k*xs [R, dims[0]], y + k*ys (targets, see loss), w + k*ws [R] (row weights).
  * With w: value[k] = sum_r w_r loss_r and the gradients of that sum go to GW[l], GB[l] (like W, B);
- * without w (NULL): forward only, value [K, R] = loss_r.
+ * without w (NULL): forward only, value [K, R] = loss_r. Disjoint member ranges may run in parallel.
  * work: R * (dims[1] + ... + dims[L] + 2 max(dims) + 1) elements.
  * Returns 0, -1 (a label out of range) or -2 (more than MAX_LAYERS layers). */
-int NAME(mlp_step)(gemm_fn gemm, int64_t K, int64_t R, int64_t L, const int64_t *dims, const int64_t *act,
+int NAME(mlp_step)(gemm_fn gemm, int64_t k0, int64_t k1, int64_t R, int64_t L, const int64_t *dims, const int64_t *act,
                    const double *slopes, REAL *const *W, REAL *const *B, REAL *const *GW, REAL *const *GB,
                    const REAL *x, int64_t xs, const void *y, int64_t ys, int64_t loss, const REAL *w, int64_t ws,
                    REAL *value, REAL *work) {
@@ -112,7 +112,7 @@ int NAME(mlp_step)(gemm_fn gemm, int64_t K, int64_t R, int64_t L, const int64_t 
     }
     REAL *d0 = work + used, *d1 = d0 + R * width, *ell = d1 + R * width;
     const size_t ysize = loss == 0 ? sizeof(REAL) : sizeof(int64_t);
-    for (int64_t k = 0; k < K; k++) {
+    for (int64_t k = k0; k < k1; k++) {
         const REAL *xk = x + k * xs;
         const REAL *prev = xk;
         for (int64_t l = 0; l < L; l++) {

@@ -4,9 +4,12 @@ Built on first use in each process with the system C compiler (``$CC``, else ``c
 temporary directory removed once loaded: nothing is cached across processes, so a changed source or
 CPU can never load a stale build), with ``-O3 -march=native`` (plain ``-O3`` where the compiler refuses
 it). Its products call the BLAS ``sgemm_`` / ``dgemm_`` that torch itself links (MKL in the x86_64 wheels),
-found in ``libtorch_cpu``. ``FIMODA_NATIVE=0`` in the environment disables it (read at every call). When it cannot be built or loaded,
-:func:`load` says why and :class:`~lightning_fimoda.further_training.mlp.MLPKernel` keeps its ``torch.bmm``
-path (same numbers up to rounding; both tested against ``torch.func``).
+found in ``libtorch_cpu``. With ``T > 1`` torch threads, the members are split into ``T`` ranges run on
+``T`` threads, each with MKL sequential in it (``MKL_Set_Num_Threads_Local(1)``; without MKL, the step
+runs on one thread only). ``FIMODA_NATIVE=0`` in the environment disables it (read at every call).
+When it cannot be built or loaded, :func:`load` says why and
+:class:`~lightning_fimoda.further_training.mlp.MLPKernel` keeps its ``torch.bmm`` path (same numbers up
+to rounding; both tested against ``torch.func``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +38,12 @@ _CODES = {nn.ReLU: 1, nn.LeakyReLU: 2, nn.Tanh: 3, nn.Sigmoid: 4}  # mlp_step.c'
 
 @dataclass(frozen=True)
 class NativeStep:
-    """The loaded library: ``step[dtype]`` the C function, ``gemm[dtype]`` the BLAS routine's address."""
+    """The loaded library: ``step[dtype]`` the C function, ``gemm[dtype]`` the BLAS routine's address,
+    ``sequential`` MKL's ``MKL_Set_Num_Threads_Local`` (``None`` without MKL: no parallel members)."""
 
     step: dict[torch.dtype, ctypes._CFuncPtr]
     gemm: dict[torch.dtype, int]
+    sequential: Any = None
 
 
 def load() -> tuple[NativeStep | None, str | None]:
@@ -67,9 +73,16 @@ def _load() -> tuple[NativeStep | None, str | None]:
     for dt, (suffix, _, _) in _TYPES.items():
         fn = getattr(lib, f"mlp_step_{suffix}")
         fn.restype = ctypes.c_int
-        fn.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _P, _I, _P, _P]
+        fn.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _P, _I, _P, _P]
         step[dt] = fn
-    return NativeStep(step, gemm), None
+    return NativeStep(step, gemm, getattr(blas, "MKL_Set_Num_Threads_Local", None)), None
+
+
+@functools.cache
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """``threads`` workers, each with MKL sequential in it (the members are the parallel axis); one pool
+    per process ``pid`` (a forked child has none of its parent's threads)."""
+    return ThreadPoolExecutor(threads, "fimoda-native", initializer=load()[0].sequential, initargs=(1,))
 
 
 def _build(compiler: str, library: Path) -> str | None:
@@ -107,6 +120,12 @@ class CompiledStep:
     def unavailable(self) -> str | None:
         return self.layers if isinstance(self.layers, str) else load()[1]
 
+    def usable(self, like: Tensor) -> bool:
+        """Whether it runs for ``like``'s device and dtype at torch's current thread count."""
+        if like.device.type != "cpu" or like.dtype not in _TYPES or self.unavailable is not None:
+            return False
+        return torch.get_num_threads() == 1 or load()[0].sequential is not None
+
     def __call__(
         self,
         params: dict[str, Tensor],
@@ -132,16 +151,24 @@ class CompiledStep:
             y = _rows(y.reshape(k, r, 1).long())
         x, w = _rows(x), None if w is None else _rows(w.unsqueeze(-1))
         p = {n: t if t.is_contiguous() else t.contiguous() for n, t in params.items()}
-        size = r * (sum(dims[1:]) + 2 * max(dims) + 1)
-        if self._scratch is None or self._scratch.numel() < size or self._scratch.dtype != dtype:
-            self._scratch = x.new_empty(size)
-        code = lib.step[dtype](
-            lib.gemm[dtype], k, r, len(weights), (_I * len(dims))(*dims), (_I * len(acts))(*acts),
+        parts, size = min(k, torch.get_num_threads()), r * (sum(dims[1:]) + 2 * max(dims) + 1)
+        if self._scratch is None or self._scratch.numel() < parts * size or self._scratch.dtype != dtype:
+            self._scratch = x.new_empty(parts * size)
+        common = (
+            r, len(weights), (_I * len(dims))(*dims), (_I * len(acts))(*acts),
             (ctypes.c_double * len(slopes))(*slopes), _pointers(p, weights), _pointers(p, biases),
             _pointers(grads, weights), _pointers(grads, biases), x.data_ptr(), x.stride(0), y.data_ptr(),
             y.stride(0), 0 if self.loss == "mse" else 1, None if w is None else w.data_ptr(),
-            0 if w is None else w.stride(0), value.data_ptr(), self._scratch.data_ptr(),
+            0 if w is None else w.stride(0), value.data_ptr(),
         )  # fmt: skip
+        bounds = [k * i // parts for i in range(parts + 1)]
+        scratch = [self._scratch.data_ptr() + i * size * x.element_size() for i in range(parts)]
+
+        def run(i: int) -> int:
+            return lib.step[dtype](lib.gemm[dtype], bounds[i], bounds[i + 1], *common, scratch[i])
+
+        codes = [run(0)] if parts == 1 else list(_pool(parts, os.getpid()).map(run, range(parts)))
+        code = min(codes)
         if code == -1:
             raise ValueError(f"SupervisedTask(cross_entropy): a label is outside [0, {dims[-1]}).")
         if code:
