@@ -26,6 +26,12 @@ LOO = [0, 3, 22, 7, 11]
 ENGINES = ["vectorised", "mlp"]
 
 
+def native_runs(path: str | None) -> bool:
+    """Whether :func:`mlp_path` ``path`` runs the compiled step (on two threads: with MKL only)."""
+    parallel = load_native()[0] is not None and load_native()[0].sequential is not None
+    return path == "native" or (path == "native-2" and parallel)
+
+
 @contextlib.contextmanager
 def mlp_path(path: str | None):
     """Force the MLP kernel's path: ``"bmm"``, ``"native"`` (the compiled step, checked to have run, on one
@@ -40,8 +46,7 @@ def mlp_path(path: str | None):
     try:
         with bmm if path == "bmm" else contextlib.nullcontext(), spy as called:
             yield
-        parallel = load_native()[0] is not None and load_native()[0].sequential is not None  # MKL
-        assert called.called == (path == "native" or (path == "native-2" and parallel))
+        assert called.called == native_runs(path)
     finally:
         torch.set_num_threads(threads)
 
@@ -73,7 +78,9 @@ def engines_vs_oracle(model, train, test, tol: float, loo=LOO, **kw) -> GoldStan
         fast_loop = loop(engine=engine, **kw)
         with mlp_path(path):
             assert_same(fast_loop.run(model, train, test, loo), slow, tol)
+            kernel = fast_loop.info["mlp_kernel"]
         assert fast_loop.info["engine"] == engine
+        assert kernel is None if engine == "vectorised" else kernel.startswith("compiled" if native_runs(path) else "torch.bmm")
     return slow
 
 

@@ -22,7 +22,7 @@ from .extras import DEPTH, LABEL, N_TESTS
 from .findings import Variants, mechanism_gain, primary_mechanism
 from .findings_table import findings_section
 from .sections import base_sections, reasons, timings_section
-from .settings import ADJUST, PAPER, fimoda_command
+from .settings import ADJUST, fimoda_command
 from .tables import (
     AGREEMENT_HEAD,
     VARIANT_HEAD,
@@ -112,7 +112,7 @@ def protocol(variants: Variants, figures_dir: Path, missing: list[str]) -> list[
           "best row.", ""]
     md += table(VARIANT_HEAD, [variant_row(v, r, s) for v, r, s in variants.values()],
                 "---|---|---|---:|---:|---:|---:|---:|---:|---:")
-    notes = sorted({f"{PAPER[v.name]['title']}: {v.note}." for v, _, _ in variants.values() if v.note})
+    notes = sorted({f"{v.title}: {v.note}." for v, _, _ in variants.values() if v.note})
     md += ["", *[f"- {n}" for n in notes], ""] if notes else [""]
     planned = {v.slug: v.seeds for v, _, _ in variants.values()}
     short = [f"`{slug}` {len(r.gold.seeds)} of {planned[slug]}" for slug, (_, r, _) in variants.items()

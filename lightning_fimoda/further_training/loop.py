@@ -13,8 +13,9 @@ Each unit is one call of an engine:
 
 - ``"vectorised"`` (:mod:`.engine`): the chunk's runs trained at once with stacked parameters,
   gradients by ``torch.func.vmap(grad)`` of the task (any model the task can run under ``vmap``);
-- ``"mlp"``: the same engine with hand-written batched-matmul gradients (:mod:`.mlp`) for
-  ``nn.Sequential`` MLPs with a ``SupervisedTask`` — ``"auto"`` picks it whenever it applies;
+- ``"mlp"``: the same engine with hand-written gradients (:mod:`.mlp`; on CPU its compiled step,
+  :mod:`.native`) for ``nn.Sequential`` MLPs with a ``SupervisedTask`` — ``"auto"`` picks it whenever
+  it applies; ``info["mlp_kernel"]`` says which path ran and why;
 - ``"sequential"`` (:mod:`.sequential`): one model copy and ``torch.optim`` per run — the oracle, and
   the fallback when ``train_mode=True`` meets dropout or BatchNorm (their train-mode behaviour cannot
   be batched; dropout masks are then shared per seed and step as far as possible).
@@ -243,6 +244,7 @@ class FurtherTrainingLoop:
         results.update(loaded)
         self.info = {
             "engine": plan.engine,
+            "mlp_kernel": plan.kernel_path(),
             "chunk_size": plan.chunk_size,
             "units": len(units),
             "units_computed": len(pending),

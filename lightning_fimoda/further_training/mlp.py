@@ -3,24 +3,27 @@
 For ``nn.Sequential`` models (or modules naming their ``nn.Sequential`` body in ``fimoda_sequential``) made
 of ``nn.Linear`` layers and elementwise activations (ReLU, LeakyReLU, Tanh, Sigmoid, Identity; Dropout
 counts as identity in eval mode) with a :class:`SupervisedTask`, the gradient of each member's weighted
-loss ``L_k = Σ_r w_{kr} ℓ(z_{kr}; θ_k)`` is computed with batched matrix products over the member axis
-(``torch.bmm``) instead of ``vmap(grad)``:
+loss ``L_k = Σ_r w_{kr} ℓ(z_{kr}; θ_k)`` is computed by hand instead of ``vmap(grad)``:
 
     forward   z_l = a_{l−1} W_lᵀ + b_l,  a_l = σ(z_l)                     [K, R, width]
     backward  δ_L = w · ∂ℓ/∂o  (MSE: 2(o − y); cross-entropy: softmax(o) − onehot(y))
               ∇W_l = δ_lᵀ a_{l−1},  ∇b_l = Σ_r δ_l,  δ_{l−1} = (δ_l W_l) ⊙ σ'(z_{l−1})
 
-Speed (``benchmarks/further_training.py``): on one CPU thread the members are processed in chunks of
-``c`` whose activations fit in a core's L2 cache, so the elementwise passes (bias, activation and its
-derivative, bias gradient) run from cache instead of memory (with more threads, or on an accelerator,
-the many small operations cost more than they save: one chunk, measured); activations and their
-derivatives run in place; biases are added in place after the product (``baddbmm`` first copies the
-broadcast bias into its output: slower); outputs, input gradients and parameter gradients are written
-into buffers reused from call to call; a layer with at most 8 outputs is computed as ``W aᵀ`` (faster
-there). The engine's test measurements go through the same forward (:meth:`MLPKernel.measurement`).
-The engine steps all members in lockstep: training them in cache-sized groups for the whole schedule
-(temporal blocking) gains at most 1–3% of the GEMM rate in its best case and was slower as prototyped
-(README, ``--groups``).
+Two paths compute it (``benchmarks/further_training.py`` measures both):
+
+- the compiled step (:mod:`.native`, on CPU in float32/float64, where the layers allow it): member by
+  member, the whole pass with the member's weights and activations in cache, each product one BLAS
+  ``gemm``, the elementwise work fused into loops over the products' outputs;
+- ``torch.bmm`` over the member axis (elsewhere: accelerators, other dtypes, ``native=False``). On one
+  CPU thread the members go in chunks of ``c`` whose activations fit in a core's L2 cache, so the
+  elementwise passes run from cache (with more threads, or on an accelerator, one chunk: measured);
+  activations and their derivatives run in place; biases are added after the product (``baddbmm``
+  first copies the broadcast bias into its output: slower); outputs and gradients go to buffers reused
+  from call to call; a layer with at most 8 outputs is computed as ``W aᵀ`` (faster there).
+
+The engine's test measurements go through the same forward (:meth:`MLPKernel.measurement`). The engine
+steps all members in lockstep: training them in cache-sized groups for the whole schedule (temporal
+blocking) gained at most 1–3% of the GEMM rate in its best case (README, ``--groups``).
 
 The generic ``torch.func`` path stays the reference for every other model; both are tested against
 the sequential ``torch.optim`` oracle.
@@ -101,6 +104,16 @@ class MLPKernel:
 
     def _uses_native(self, like: Tensor) -> bool:
         return self.compiled is not None and self.compiled.usable(like)
+
+    def path(self, like: Tensor) -> str:
+        """The path that runs for parameters like ``like``: ``"compiled step"`` or ``"torch.bmm (why)"``."""
+        if self._uses_native(like):
+            return "compiled step"
+        why = self.native_unavailable
+        if why is None:
+            cpu = like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64)
+            why = f"{torch.get_num_threads()} threads without MKL" if cpu else f"{like.device.type}, {like.dtype}"
+        return f"torch.bmm ({why})"
 
     @staticmethod
     def unsupported(model: nn.Module, task: AttributionTask, example: Any = None) -> str | None:

@@ -86,6 +86,13 @@ class TrainingPlan:
             self._built["kernel"] = MLPKernel(self.model, self.task) if self.engine == "mlp" else None
         return self._built["test_batch"]
 
+    def kernel_path(self) -> str | None:
+        """The MLP kernel's path (:meth:`MLPKernel.path`) once built; ``None`` for other engines."""
+        kernel = self._built.get("kernel")
+        if kernel is None:
+            return None
+        return kernel.path(torch.empty(0, dtype=next(self.model.parameters()).dtype, device=self.device))
+
     def compute(
         self, seed: int, members: list[int | None], on_step: Callable[[int], None] | None = None
     ) -> tuple[Tensor, Tensor | None]:
