@@ -349,3 +349,22 @@ def test_benchmark_energy_step_compiled_matches_the_kernel():
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler (g++/c++) on PATH: inductor cannot build CPU kernels")
     _energy_step_case(torch.float32, compiled=True)
+
+
+def test_native_reports_a_build_that_cannot_be_loaded(monkeypatch):
+    """The built library refused by the loader (e.g. a noexec temporary directory): a reason, no crash."""
+    real = native.ctypes.CDLL
+
+    def cdll(path, *args, **kwargs):
+        if str(path).endswith("mlp_step.so"):
+            raise OSError("failed to map segment from shared object")
+        return real(path, *args, **kwargs)
+
+    native._load.cache_clear()
+    monkeypatch.setattr(native.ctypes, "CDLL", cdll)
+    try:
+        lib, why = native.load()
+        assert lib is None and "could not be loaded (failed to map segment" in why
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()

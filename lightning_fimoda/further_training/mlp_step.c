@@ -117,7 +117,7 @@ int NAME(mlp_step)(gemm_fn gemm, int64_t k0, int64_t k1, int64_t R, int64_t L, c
         const REAL *prev = xk;
         for (int64_t l = 0; l < L; l++) {
             int in = (int)dims[l], out = (int)dims[l + 1];
-            NAME(mm)(gemm, "T", "N", out, (int)R, in, W[l] + k * out * in, in, prev, in, a[l], out);
+            NAME(mm)(gemm, "T", "N", out, (int)R, in, W[l] + k * (int64_t)out * in, in, prev, in, a[l], out);
             NAME(activate)(a[l], B[l] ? B[l] + k * out : NULL, R, out, act[l], (REAL)slopes[l]);
             prev = a[l];
         }
@@ -135,9 +135,9 @@ int NAME(mlp_step)(gemm_fn gemm, int64_t k0, int64_t k1, int64_t R, int64_t L, c
         for (int64_t l = L - 1; l >= 0; l--) {
             int in = (int)dims[l], out = (int)dims[l + 1];
             NAME(derivative)(delta, a[l], GB[l] ? GB[l] + k * out : NULL, R, out, act[l], (REAL)slopes[l]);
-            NAME(mm)(gemm, "N", "T", in, out, (int)R, l > 0 ? a[l - 1] : xk, in, delta, out, GW[l] + k * out * in, in);
+            NAME(mm)(gemm, "N", "T", in, out, (int)R, l > 0 ? a[l - 1] : xk, in, delta, out, GW[l] + k * (int64_t)out * in, in);
             if (l > 0) {
-                NAME(mm)(gemm, "N", "N", in, (int)R, out, W[l] + k * out * in, in, delta, out, next, in);
+                NAME(mm)(gemm, "N", "N", in, (int)R, out, W[l] + k * (int64_t)out * in, in, delta, out, next, in);
                 REAL *t = delta;
                 delta = next;
                 next = t;

@@ -68,7 +68,10 @@ def _load() -> tuple[NativeStep | None, str | None]:
         why = _build(compiler, library)
         if why is not None:
             return None, why
-        lib = ctypes.CDLL(str(library))
+        try:
+            lib = ctypes.CDLL(str(library))
+        except OSError as err:  # e.g. a temporary directory mounted noexec
+            return None, f"the built {library.name} could not be loaded ({err})"
     step = {}
     for dt, (suffix, _, _) in _TYPES.items():
         fn = getattr(lib, f"mlp_step_{suffix}")
@@ -92,19 +95,24 @@ def _build(compiler: str, library: Path) -> str | None:
         for suffix, real, _ in _TYPES.values():
             obj = library.with_name(f"{suffix}.o")
             flags = [f"-DREAL={real}", f"-DNAME(x)=x##_{suffix}", "-O3", "-fPIC", "-std=c99", *arch]
-            done = subprocess.run([compiler, *flags, "-c", str(_SOURCE), "-o", str(obj)], capture_output=True)
-            if done.returncode:
-                error = done.stderr.decode(errors="replace").strip()[-500:]
+            error = _run([compiler, *flags, "-c", str(_SOURCE), "-o", str(obj)])
+            if error is not None:
                 break
             objects.append(str(obj))
         if error is None:
-            done = subprocess.run(
-                [compiler, "-shared", *objects, "-o", str(library), "-lm"], capture_output=True
-            )
-            if not done.returncode:
+            error = _run([compiler, "-shared", *objects, "-o", str(library), "-lm"])
+            if error is None:
                 return None
-            error = done.stderr.decode(errors="replace").strip()[-500:]
     return f"{compiler} could not build {_SOURCE.name}: {error}"
+
+
+def _run(command: list[str]) -> str | None:
+    """Run a compiler command: ``None``, or the end of its complaint."""
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return str(err)
+    return None if done.returncode == 0 else done.stderr.decode(errors="replace").strip()[-500:]
 
 
 class CompiledStep:
