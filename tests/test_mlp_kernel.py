@@ -368,3 +368,12 @@ def test_native_reports_a_build_that_cannot_be_loaded(monkeypatch):
     finally:
         monkeypatch.undo()
         native._load.cache_clear()
+
+
+def test_native_refuses_parameters_of_another_dtype():
+    """float64 parameters with float32 rows: an error, never float64 memory read as float32."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    params = stacked(model)
+    x, y, w = (torch.randn(K, R, d) for d in (3, 1, 1))
+    with pytest.raises(ValueError, match="needs every tensor in torch.float32"):
+        MLPKernel(model, SupervisedTask("mse")).grad_and_value(params, x, y, w[..., 0])

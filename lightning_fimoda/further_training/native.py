@@ -123,6 +123,12 @@ class CompiledStep:
         self.loss = loss
         self.layers = _layers(blocks)
         self._scratch: Tensor | None = None
+        if not isinstance(self.layers, str):
+            dims, acts, slopes, weights, _ = self.layers
+            self._shape = (  # the C arguments that never change: layers, widths, activations, slopes
+                len(weights), (_I * len(dims))(*dims), (_I * len(acts))(*acts),
+                (ctypes.c_double * len(slopes))(*slopes),
+            )  # fmt: skip
 
     @property
     def unavailable(self) -> str | None:
@@ -148,7 +154,7 @@ class CompiledStep:
         ``params``, contiguous); without (``None``), the per-row losses ``value [K, R]``."""
         lib, dtype = load()[0], x.dtype
         k, r = x.shape[:2]
-        dims, acts, slopes, weights, biases = self.layers
+        dims, _, _, weights, biases = self.layers
         if self.loss == "mse":
             if y.reshape(k, r, -1).shape[-1] != dims[-1]:
                 raise ValueError(
@@ -158,13 +164,15 @@ class CompiledStep:
         else:
             y = _rows(y.reshape(k, r, 1).long())
         x, w = _rows(x), None if w is None else _rows(w.unsqueeze(-1))
+        wrong = [n for n, t in params.items() if t.dtype != dtype or t.device != x.device]
+        if wrong or (w is not None and w.dtype != dtype):
+            raise ValueError(f"The compiled step needs every tensor in {dtype} on the CPU; {wrong or 'w'} differ.")
         p = {n: t if t.is_contiguous() else t.contiguous() for n, t in params.items()}
         parts, size = min(k, torch.get_num_threads()), r * (sum(dims[1:]) + 2 * max(dims) + 1)
         if self._scratch is None or self._scratch.numel() < parts * size or self._scratch.dtype != dtype:
             self._scratch = x.new_empty(parts * size)
         common = (
-            r, len(weights), (_I * len(dims))(*dims), (_I * len(acts))(*acts),
-            (ctypes.c_double * len(slopes))(*slopes), _pointers(p, weights), _pointers(p, biases),
+            r, *self._shape, _pointers(p, weights), _pointers(p, biases),
             _pointers(grads, weights), _pointers(grads, biases), x.data_ptr(), x.stride(0), y.data_ptr(),
             y.stride(0), 0 if self.loss == "mse" else 1, None if w is None else w.data_ptr(),
             0 if w is None else w.stride(0), value.data_ptr(),
