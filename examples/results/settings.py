@@ -79,7 +79,7 @@ VARIANTS = (  # in the order they run; the ones of a dataset share its base run'
     Variant("sgd_drop_m100", "energy", "sgd", 3e-2, "drop", 500, 5, 100, 100, note=_M100_NOTE, tag="m' = 100"),
     Variant("sgd_drop", "concrete", "sgd", 3e-2, "drop", 500, 5, 20, 5),
     Variant("sgd_subtract", "concrete", "sgd", 3e-2, "subtract", 500, 5, 20, 5),
-    Variant("sgd_drop_m100", "concrete", "sgd", 3e-2, "drop", 500, 5, 20, 100, tag="m' = 100"),
+    Variant("sgd_drop_m100", "concrete", "sgd", 3e-2, "drop", 500, 5, 40, 100, tag="m' = 100"),
     Variant("sgd_drop", "heloc", "sgd", 1e-4, "drop", 200, 1, 20, 5, 100, _HELOC_NOTE),
     Variant("sgd_subtract", "heloc", "sgd", 1e-4, "subtract", 200, 1, 20, 5, 100, _HELOC_NOTE),
     Variant("adam_subtract", "energy", "adam", 1e-4, "subtract", 500, 5, 20, 5),
