@@ -5,6 +5,8 @@ against torch.optim."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from lightning_fimoda import SupervisedTask
 from lightning_fimoda.further_training import native
 from lightning_fimoda.further_training.mlp import MLPKernel
+from lightning_fimoda.further_training.native import CompiledStep
 
 from .helpers import assert_matches_torch_optim
 
@@ -168,7 +171,10 @@ def test_kernel_measurement_matches_the_task(name, cache_bytes, native_path):
     y = torch.randn(R + 2, 1, dtype=torch.float64) if loss == "mse" else torch.randint(0, 11, (R + 2,))
     task = SupervisedTask(loss)
     want = vmap(FunctionalTask(model, task).measurement, in_dims=(0, None))(params, (x.double(), y))
-    got = make_kernel(model, loss, cache_bytes, native_path).measurement(params, (x, y))
+    kernel = make_kernel(model, loss, cache_bytes, native_path)
+    with mock.patch.object(CompiledStep, "__call__", autospec=True, side_effect=CompiledStep.__call__) as step:
+        got = kernel.measurement(params, (x, y))
+    assert step.called == kernel._uses_native(x.double())  # the path asked for is the one taken
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert float(want.std()) > 1e-3
 
