@@ -11,6 +11,7 @@ docstring must not orphan a resumable run) while any change to what the code doe
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import textwrap
@@ -80,7 +81,10 @@ def dataset_digest(dataset: Any, indices: Tensor | None = None) -> str:
     return h.hexdigest()[:20]
 
 
+@functools.cache
 def _class_source(cls: type) -> str:
+    """The class's code (:func:`_code` of its source) or its name, once per class object (its code cannot
+    change while it exists; reading and parsing the source was most of a short job's fingerprint time)."""
     if cls.__module__.startswith(_TORCH_MODULES) or cls.__module__ == "builtins":
         return f"{cls.__module__}.{cls.__qualname__}"
     try:
