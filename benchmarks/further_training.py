@@ -302,9 +302,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    native = MLPKernel(energy_like()[0], SupervisedTask("mse")).native_unavailable
-    if native is not None or torch.get_num_threads() != 1:
-        print(f"note: the compiled step will not run here ({native or 'it needs one thread'}): both mlp rows use bmm")
+    path = MLPKernel(energy_like()[0], SupervisedTask("mse")).path(torch.empty(0))
+    if path != "compiled step":
+        print(f"note: the compiled step will not run here, both mlp rows use {path}")
     m = measure(args)
     model = energy_like()[0]
     flops = training_flops(model, m["n"], 128, args.epochs, args.loo, full=True)

@@ -27,8 +27,8 @@ ENGINES = ["vectorised", "mlp"]
 
 
 def native_runs(path: str | None) -> bool:
-    """Whether :func:`mlp_path` ``path`` runs the compiled step (on two threads: with MKL only)."""
-    parallel = load_native()[0] is not None and load_native()[0].sequential is not None
+    """Whether :func:`mlp_path` ``path`` runs the compiled step (on two threads: when built with OpenMP)."""
+    parallel = load_native()[0] is not None and load_native()[0].parallel
     return path == "native" or (path == "native-2" and parallel)
 
 

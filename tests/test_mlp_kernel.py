@@ -203,8 +203,8 @@ def test_native_float32_matches_the_bmm_path_on_the_energy_shape():
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_native_splits_the_members_over_threads(threads):
-    """With T torch threads the compiled step runs T member ranges at once (7 members: uneven ranges),
-    each on its own scratch: the same gradients as the oracle, call after call."""
+    """With T torch threads the compiled step splits the members over T OpenMP threads (7 members: uneven
+    shares), each on its own scratch: the same gradients as the oracle, call after call."""
     build, loss = MODELS["native-ce"]
     torch.manual_seed(0)
     model = build().double().eval()
@@ -214,8 +214,8 @@ def test_native_splits_the_members_over_threads(threads):
     w = torch.rand(K, R, dtype=torch.float64) - 0.2
     want_g, want_v = oracle(model, loss, params, x, y, w)
     torch.set_num_threads(threads)  # the fixture restores it
-    if native.load()[0].sequential is None:
-        pytest.skip("torch's BLAS is not MKL: the compiled step runs on one thread only")
+    if not native.load()[0].parallel:
+        pytest.skip("built without OpenMP: the compiled step runs on one thread only")
     kernel = MLPKernel(model, SupervisedTask(loss))
     assert kernel._uses_native(w)
     for _ in range(3):
@@ -243,7 +243,9 @@ def test_native_keeps_nan_like_torch():
     assert bool(grads["2.weight"][2].isnan().any())
 
 
-def test_native_rejects_a_label_out_of_range():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_rejects_a_label_out_of_range(threads):
+    torch.set_num_threads(threads)  # on 2 threads, the error of one member's thread reaches the caller
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
     params = stacked(model)
     x, w = torch.randn(K, R, 3, dtype=torch.float64), torch.ones(K, R, dtype=torch.float64)

@@ -12,6 +12,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <tgmath.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAX_LAYERS 64
 
@@ -91,28 +94,48 @@ static int NAME(loss)(const REAL *o, const void *y, int64_t rows, int64_t O, int
     return 0;
 }
 
-/* Members k0 <= k < k1 of K stacked L-layer MLPs with widths dims[0..L]; layer l: weights W[l] [K, dims[l+1], dims[l]],
+/* 1 when built with OpenMP (the members then run on the caller's OpenMP threads, torch's pool), else 0. */
+int NAME(mlp_step_parallel)(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* K members of an L-layer MLP with widths dims[0..L]; layer l: weights W[l] [K, dims[l+1], dims[l]],
  * biases B[l] [K, dims[l+1]] (or NULL), then activation act[l] (slope slopes[l]).
  * Member k reads x + k*xs [R, dims[0]], y + k*ys (targets, see loss), w + k*ws [R] (row weights).
  * With w: value[k] = sum_r w_r loss_r and the gradients of that sum go to GW[l], GB[l] (like W, B);
- * without w (NULL): forward only, value [K, R] = loss_r. Disjoint member ranges may run in parallel.
- * work: R * (dims[1] + ... + dims[L] + 2 max(dims) + 1) elements.
+ * without w (NULL): forward only, value [K, R] = loss_r.
+ * The members are split over `threads` OpenMP threads (the BLAS runs sequentially inside them), each
+ * with its own slice of work: threads * R * (dims[1] + ... + dims[L] + 2 max(dims) + 1) elements.
  * Returns 0, -1 (a label out of range) or -2 (more than MAX_LAYERS layers). */
-int NAME(mlp_step)(gemm_fn gemm, int64_t k0, int64_t k1, int64_t R, int64_t L, const int64_t *dims, const int64_t *act,
-                   const double *slopes, REAL *const *W, REAL *const *B, REAL *const *GW, REAL *const *GB,
-                   const REAL *x, int64_t xs, const void *y, int64_t ys, int64_t loss, const REAL *w, int64_t ws,
-                   REAL *value, REAL *work) {
+int NAME(mlp_step)(gemm_fn gemm, int64_t K, int64_t threads, int64_t R, int64_t L, const int64_t *dims,
+                   const int64_t *act, const double *slopes, REAL *const *W, REAL *const *B, REAL *const *GW,
+                   REAL *const *GB, const REAL *x, int64_t xs, const void *y, int64_t ys, int64_t loss,
+                   const REAL *w, int64_t ws, REAL *value, REAL *work) {
     if (L > MAX_LAYERS) return -2;
-    int64_t width = 0, used = 0;
-    REAL *a[MAX_LAYERS];
+    int64_t width = 0, per_thread = 0;
     for (int64_t l = 0; l <= L; l++) width = dims[l] > width ? dims[l] : width;
-    for (int64_t l = 0; l < L; l++) {
-        a[l] = work + used;
-        used += R * dims[l + 1];
-    }
-    REAL *d0 = work + used, *d1 = d0 + R * width, *ell = d1 + R * width;
+    for (int64_t l = 0; l < L; l++) per_thread += R * dims[l + 1];
+    per_thread += 2 * R * width + R;
     const size_t ysize = loss == 0 ? sizeof(REAL) : sizeof(int64_t);
-    for (int64_t k = k0; k < k1; k++) {
+    int code = 0;
+#pragma omp parallel for schedule(static) num_threads((int)threads) if (threads > 1) reduction(min : code)
+    for (int64_t k = 0; k < K; k++) {
+#ifdef _OPENMP
+        REAL *mine = work + omp_get_thread_num() * per_thread;
+#else
+        REAL *mine = work;
+#endif
+        REAL *a[MAX_LAYERS];
+        int64_t used = 0;
+        for (int64_t l = 0; l < L; l++) {
+            a[l] = mine + used;
+            used += R * dims[l + 1];
+        }
+        REAL *d0 = mine + used, *d1 = d0 + R * width, *ell = d1 + R * width;
         const REAL *xk = x + k * xs;
         const REAL *prev = xk;
         for (int64_t l = 0; l < L; l++) {
@@ -121,8 +144,10 @@ int NAME(mlp_step)(gemm_fn gemm, int64_t k0, int64_t k1, int64_t R, int64_t L, c
             NAME(activate)(a[l], B[l] ? B[l] + k * out : NULL, R, out, act[l], (REAL)slopes[l]);
             prev = a[l];
         }
-        if (NAME(loss)(a[L - 1], (const char *)y + k * ys * ysize, R, dims[L], loss, w ? ell : value + k * R, d0))
-            return -1;
+        if (NAME(loss)(a[L - 1], (const char *)y + k * ys * ysize, R, dims[L], loss, w ? ell : value + k * R, d0)) {
+            code = -1;
+            continue;
+        }
         if (!w) continue;
         REAL total = 0;
         for (int64_t r = 0; r < R; r++) {
@@ -135,7 +160,8 @@ int NAME(mlp_step)(gemm_fn gemm, int64_t k0, int64_t k1, int64_t R, int64_t L, c
         for (int64_t l = L - 1; l >= 0; l--) {
             int in = (int)dims[l], out = (int)dims[l + 1];
             NAME(derivative)(delta, a[l], GB[l] ? GB[l] + k * out : NULL, R, out, act[l], (REAL)slopes[l]);
-            NAME(mm)(gemm, "N", "T", in, out, (int)R, l > 0 ? a[l - 1] : xk, in, delta, out, GW[l] + k * (int64_t)out * in, in);
+            NAME(mm)(gemm, "N", "T", in, out, (int)R, l > 0 ? a[l - 1] : xk, in, delta, out,
+                     GW[l] + k * (int64_t)out * in, in);
             if (l > 0) {
                 NAME(mm)(gemm, "N", "N", in, (int)R, out, W[l] + k * (int64_t)out * in, in, delta, out, next, in);
                 REAL *t = delta;
@@ -144,5 +170,5 @@ int NAME(mlp_step)(gemm_fn gemm, int64_t k0, int64_t k1, int64_t R, int64_t L, c
             }
         }
     }
-    return 0;
+    return code;
 }

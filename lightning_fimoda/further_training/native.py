@@ -1,15 +1,15 @@
 """The MLP kernel's compiled step (``mlp_step.c``): one fused forward/backward pass per member.
 
-Built on first use in each process with the system C compiler (``$CC``, else ``cc``; about 1 s, into a
-temporary directory removed once loaded: nothing is cached across processes, so a changed source or
-CPU can never load a stale build), with ``-O3 -march=native`` (plain ``-O3`` where the compiler refuses
-it). Its products call the BLAS ``sgemm_`` / ``dgemm_`` that torch itself links (MKL in the x86_64 wheels),
-found in ``libtorch_cpu``. With ``T > 1`` torch threads, the members are split into ``T`` ranges run on
-``T`` threads, each with MKL sequential in it (``MKL_Set_Num_Threads_Local(1)``; without MKL, the step
-runs on one thread only). ``FIMODA_NATIVE=0`` in the environment disables it (read at every call).
-When it cannot be built or loaded, :func:`load` says why and
-:class:`~lightning_fimoda.further_training.mlp.MLPKernel` keeps its ``torch.bmm`` path (same numbers up
-to rounding; both tested against ``torch.func``).
+Built on first use in each process with the system C compiler (``$CC``, else ``cc``; under a second,
+into a temporary directory removed once loaded: nothing is cached across processes, so a changed source
+or CPU can never load a stale build), with ``-O3 -march=native -fopenmp`` (dropping the flags the
+compiler refuses). Its products call the BLAS ``sgemm_`` / ``dgemm_`` that torch itself links (MKL in
+the x86_64 wheels), found in ``libtorch_cpu``. With ``T > 1`` torch threads the members are split over
+``T`` threads of torch's own OpenMP pool (torch's ``libgomp``, already loaded, serves the library), the
+BLAS sequential inside them; built without OpenMP, the step runs on one thread only.
+``FIMODA_NATIVE=0`` in the environment disables it (read at every call). When it cannot be built or
+loaded, :func:`load` says why and :class:`~lightning_fimoda.further_training.mlp.MLPKernel` keeps its
+``torch.bmm`` path (same numbers up to rounding; both tested against ``torch.func``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,11 @@ _CODES = {nn.ReLU: 1, nn.LeakyReLU: 2, nn.Tanh: 3, nn.Sigmoid: 4}  # mlp_step.c'
 @dataclass(frozen=True)
 class NativeStep:
     """The loaded library: ``step[dtype]`` the C function, ``gemm[dtype]`` the BLAS routine's address,
-    ``sequential`` MKL's ``MKL_Set_Num_Threads_Local`` (``None`` without MKL: no parallel members)."""
+    ``parallel`` whether it was built with OpenMP (members split over torch's threads)."""
 
     step: dict[torch.dtype, ctypes._CFuncPtr]
     gemm: dict[torch.dtype, int]
-    sequential: Any = None
+    parallel: bool
 
 
 def load() -> tuple[NativeStep | None, str | None]:
@@ -78,29 +77,24 @@ def _load() -> tuple[NativeStep | None, str | None]:
         fn.restype = ctypes.c_int
         fn.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _I, _I, _P, _I, _P, _P]
         step[dt] = fn
-    return NativeStep(step, gemm, getattr(blas, "MKL_Set_Num_Threads_Local", None)), None
-
-
-@functools.cache
-def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
-    """``threads`` workers, each with MKL sequential in it (the members are the parallel axis); one pool
-    per process ``pid`` (a forked child has none of its parent's threads)."""
-    return ThreadPoolExecutor(threads, "fimoda-native", initializer=load()[0].sequential, initargs=(1,))
+    return NativeStep(step, gemm, bool(lib.mlp_step_parallel_f32())), None
 
 
 def _build(compiler: str, library: Path) -> str | None:
-    """Compile both precisions into ``library``; ``None``, or the compiler's complaint."""
-    for arch in (["-march=native"], []):
+    """Compile both precisions into ``library`` (with ``-march=native`` and ``-fopenmp`` where the compiler
+    takes them); ``None``, or the compiler's complaint."""
+    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
         objects, error = [], None
         for suffix, real, _ in _TYPES.values():
             obj = library.with_name(f"{suffix}.o")
-            flags = [f"-DREAL={real}", f"-DNAME(x)=x##_{suffix}", "-O3", "-fPIC", "-std=c99", *arch]
+            flags = [f"-DREAL={real}", f"-DNAME(x)=x##_{suffix}", "-O3", "-fPIC", "-std=c99", *extra]
             error = _run([compiler, *flags, "-c", str(_SOURCE), "-o", str(obj)])
             if error is not None:
                 break
             objects.append(str(obj))
         if error is None:
-            error = _run([compiler, "-shared", *objects, "-o", str(library), "-lm"])
+            omp = [f for f in extra if f == "-fopenmp"]
+            error = _run([compiler, "-shared", *omp, *objects, "-o", str(library), "-lm"])
             if error is None:
                 return None
     return f"{compiler} could not build {_SOURCE.name}: {error}"
@@ -138,7 +132,7 @@ class CompiledStep:
         """Whether it runs for ``like``'s device and dtype at torch's current thread count."""
         if like.device.type != "cpu" or like.dtype not in _TYPES or self.unavailable is not None:
             return False
-        return torch.get_num_threads() == 1 or load()[0].sequential is not None
+        return torch.get_num_threads() == 1 or load()[0].parallel
 
     def __call__(
         self,
@@ -168,23 +162,15 @@ class CompiledStep:
         if wrong or (w is not None and w.dtype != dtype):
             raise ValueError(f"The compiled step needs every tensor in {dtype} on the CPU; {wrong or 'w'} differ.")
         p = {n: t if t.is_contiguous() else t.contiguous() for n, t in params.items()}
-        parts, size = min(k, torch.get_num_threads()), r * (sum(dims[1:]) + 2 * max(dims) + 1)
-        if self._scratch is None or self._scratch.numel() < parts * size or self._scratch.dtype != dtype:
-            self._scratch = x.new_empty(parts * size)
-        common = (
-            r, *self._shape, _pointers(p, weights), _pointers(p, biases),
+        threads, size = min(k, torch.get_num_threads()), r * (sum(dims[1:]) + 2 * max(dims) + 1)
+        if self._scratch is None or self._scratch.numel() < threads * size or self._scratch.dtype != dtype:
+            self._scratch = x.new_empty(threads * size)
+        code = lib.step[dtype](
+            lib.gemm[dtype], k, threads, r, *self._shape, _pointers(p, weights), _pointers(p, biases),
             _pointers(grads, weights), _pointers(grads, biases), x.data_ptr(), x.stride(0), y.data_ptr(),
             y.stride(0), 0 if self.loss == "mse" else 1, None if w is None else w.data_ptr(),
-            0 if w is None else w.stride(0), value.data_ptr(),
+            0 if w is None else w.stride(0), value.data_ptr(), self._scratch.data_ptr(),
         )  # fmt: skip
-        bounds = [k * i // parts for i in range(parts + 1)]
-        scratch = [self._scratch.data_ptr() + i * size * x.element_size() for i in range(parts)]
-
-        def run(i: int) -> int:
-            return lib.step[dtype](lib.gemm[dtype], bounds[i], bounds[i + 1], *common, scratch[i])
-
-        codes = [run(0)] if parts == 1 else list(_pool(parts, os.getpid()).map(run, range(parts)))
-        code = min(codes)
         if code == -1:
             raise ValueError(f"SupervisedTask(cross_entropy): a label is outside [0, {dims[-1]}).")
         if code:
