@@ -78,15 +78,8 @@ MODELS = {
     # what the compiled step runs: every activation, a narrow layer, no bias, one after the output
     "native-ce": (
         lambda: nn.Sequential(
-            nn.Linear(3, 12),
-            nn.ReLU(),
-            nn.Linear(12, 9),
-            nn.LeakyReLU(0.2),
-            nn.Linear(9, 2),
-            nn.Tanh(),
-            nn.Dropout(0.5),
-            nn.Linear(2, 11, bias=False),
-            nn.Sigmoid(),
+            *(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 9), nn.LeakyReLU(0.2), nn.Linear(9, 2), nn.Tanh()),
+            *(nn.Dropout(0.5), nn.Linear(2, 11, bias=False), nn.Sigmoid()),
         ),
         "cross_entropy",
     ),
@@ -278,19 +271,24 @@ def test_native_says_why_it_cannot_run(monkeypatch):
     assert MLPKernel(model, SupervisedTask("mse")).native_unavailable is None
 
 
+def load_afresh(monkeypatch, patch) -> tuple:
+    """``native.load()`` built anew with ``patch(monkeypatch)`` applied; the patch and cache undone after."""
+    native._load.cache_clear()
+    try:
+        patch(monkeypatch)
+        return native.load()
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+
+
 def test_native_reports_a_failed_build(monkeypatch, tmp_path):
     """A compiler that fails: its complaint is in the reason."""
     cc = tmp_path / "cc"
     cc.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
     cc.chmod(0o755)
-    native._load.cache_clear()
-    monkeypatch.setenv("CC", str(cc))
-    try:
-        lib, why = native.load()
-        assert lib is None and "could not build mlp_step.c: broken compiler" in why
-    finally:
-        monkeypatch.undo()
-        native._load.cache_clear()
+    lib, why = load_afresh(monkeypatch, lambda m: m.setenv("CC", str(cc)))
+    assert lib is None and "could not build mlp_step.c: broken compiler" in why
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
@@ -368,14 +366,8 @@ def test_native_reports_a_build_that_cannot_be_loaded(monkeypatch):
             raise OSError("failed to map segment from shared object")
         return real(path, *args, **kwargs)
 
-    native._load.cache_clear()
-    monkeypatch.setattr(native.ctypes, "CDLL", cdll)
-    try:
-        lib, why = native.load()
-        assert lib is None and "could not be loaded (failed to map segment" in why
-    finally:
-        monkeypatch.undo()
-        native._load.cache_clear()
+    lib, why = load_afresh(monkeypatch, lambda m: m.setattr(native.ctypes, "CDLL", cdll))
+    assert lib is None and "could not be loaded (failed to map segment" in why
 
 
 def test_native_refuses_parameters_of_another_dtype():
