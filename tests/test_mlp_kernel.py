@@ -370,6 +370,11 @@ def test_native_reports_a_build_that_cannot_be_loaded(monkeypatch):
     assert lib is None and "could not be loaded (failed to map segment" in why
 
 
+def test_native_says_why_a_deep_model_takes_the_bmm_path():
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(65)))
+    assert MLPKernel(model, SupervisedTask("mse")).native_unavailable == "the model has more than 64 Linear layers"
+
+
 def test_native_refuses_parameters_of_another_dtype():
     """float64 parameters with float32 rows: an error, never float64 memory read as float32."""
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).double()

@@ -33,6 +33,7 @@ _SOURCE = Path(__file__).with_name("mlp_step.c")
 _TYPES = {torch.float32: ("f32", "float", "sgemm_"), torch.float64: ("f64", "double", "dgemm_")}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _CODES = {nn.ReLU: 1, nn.LeakyReLU: 2, nn.Tanh: 3, nn.Sigmoid: 4}  # mlp_step.c's activation codes
+_MAX_LAYERS = 64  # mlp_step.c's MAX_LAYERS
 
 
 @dataclass(frozen=True)
@@ -179,9 +180,11 @@ class CompiledStep:
 
 def _layers(blocks: list[Any]) -> tuple | str:
     """``(dims, activation codes, slopes, weight names, bias names)``, or why these layers need the
-    ``bmm`` path (activations on the inputs, two in a row, a negative LeakyReLU slope)."""
+    ``bmm`` path (activations on the inputs, two in a row, a negative LeakyReLU slope, over 64 layers)."""
     if blocks[0].weight is None:
         return "the model has an activation before its first Linear layer"
+    if len(blocks) > _MAX_LAYERS:
+        return f"the model has more than {_MAX_LAYERS} Linear layers"
     acts, slopes = [], []
     for block in blocks:
         if len(block.acts) > 1:
