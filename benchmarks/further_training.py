@@ -11,7 +11,7 @@ interleaved repeat by repeat (each timing is the median over ``--repeats``):
   ceiling for this model's products;
 - the vectorised engine with the hand-written MLP kernel (``engine="mlp"``, what ``"auto"`` picks), with
   SGD and with Adam, on both its paths: the compiled step (``further_training/native.py``, what it runs
-  on one CPU thread) and the ``torch.bmm`` path (``FIMODA_NATIVE=0``, what it runs elsewhere);
+  on CPU) and the ``torch.bmm`` path (``FIMODA_NATIVE=0``, what it runs elsewhere);
 - the generic ``torch.func.vmap(grad)`` path (``engine="vectorised"``), SGD;
 - the naive loop (``engine="sequential"``: deep copy + ``torch.optim`` per run), SGD and Adam, on a
   subset of runs, extrapolated per run to all 101 runs (the subset is stated in the output).
@@ -201,10 +201,10 @@ COMPILED = {  # name: (torch.compile mode, or the MLP kernel's path; SGD fused i
 
 def compiled_bound(args: argparse.Namespace, chunk: int = 15, lr: float = 3e-2) -> dict[str, dict[str, float]]:
     """``torch.compile`` (inductor, CPU, static shapes, ``fullgraph``) of one training step of all ``K`` runs
-    (:func:`energy_step`) against the MLP kernel (both paths; differences to the ``bmm`` path) + stacked SGD, on one ``subtract`` batch (as
+    (:func:`energy_step`) against the MLP kernel (both paths) + stacked SGD, on one ``subtract`` batch (as
     :func:`group_bound` with ``g = K``): ``{variant: {"gflops", "compile_s", "max_rel_diff"}}``. CPU time per
     step, interleaved medians of ``--repeats``; the one-off compile (caches disabled) timed separately, and the
-    gradients of the first step compared with the kernel's."""
+    gradients of the first step compared with the ``bmm`` path's."""
     import torch._inductor.config as inductor_config
 
     model, train, _ = energy_like()
