@@ -140,3 +140,15 @@ def test_plan_chunks_counts_the_rows_examples_and_pairs():
     batch = (torch.arange(6).reshape(3, 2), torch.arange(3), "tag")
     part = slice_batch(batch, 1, 3)
     assert torch.equal(part[0], batch[0][1:3]) and torch.equal(part[1], batch[1][1:3]) and part[2] == "tag"
+
+
+def test_gauss_newton_factor_of_a_rank_with_no_examples_is_empty():
+    """A rank whose shard is empty has no batches: its factor has no rows (it must not index a first
+    batch that does not exist), and it still takes part in the ranks' agreement on the factor."""
+    from lightning_fimoda.curvature.gauss_newton import GaussNewton
+
+    model, train = _convnet(), _images(4, 1)
+    op = CurvatureOperator(FunctionalTask(model, MSE), train, damping=0.1)
+    op.batches = list  # as on a rank past the end of the data: no batches
+    factor = GaussNewton().factor(op)
+    assert factor.rows.shape == (0, op.num_params)

@@ -86,6 +86,8 @@ class GaussNewton(CurvatureType):
         forward pass, ``jacrev``'s ``O`` cotangents per example (``O`` pairs), and the rows held three
         times (``J``, the rotated rows, the kept copy)."""
         batches = op.batches()
+        if not batches:  # a rank with an empty shard: nothing to factor, it still joins the collectives
+            return []
         outputs = op.fn.outputs(op.fn.params, slice_batch(batches[0], 0, 1)).shape[1]
         act = op.example_activation_bytes()
         per_example = self.example_factor * act + outputs * (3 * op.num_params * op.dtype.itemsize + self.pair_factor * act)
